@@ -1,0 +1,292 @@
+//! The single writer of a file. Every pending commit, from every thread, joins the next write
+//! transaction: one transaction and (when durable) one fsync for the whole batch. Only after the
+//! transaction is durable does the writer update the cache, hand on the locks and settle each
+//! caller, in that order.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use redb::{Durability, TableDefinition};
+
+use crate::error::{from_redb, Error, Result};
+use crate::locks::LockToken;
+use crate::store::{TableState, META_TABLE};
+
+/// Called exactly once with the outcome of one commit.
+pub type CommitCallback = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// Most commits that share one transaction; bounds the latency of the first in a batch.
+const MAX_BATCH: usize = 8192;
+
+pub enum Change {
+    Put(Arc<[u8]>),
+    Delete,
+}
+
+pub(crate) struct CommitJob {
+    pub table: Arc<TableState>,
+    pub key: Box<str>,
+    pub token: LockToken,
+    pub change: Change,
+    /// Hand the lock on after a successful write (false for `updateOnly`).
+    pub release: bool,
+    /// Keep the lock when the write fails, so the caller can retry.
+    pub hold_on_failure: bool,
+    pub durable: bool,
+    pub done: CommitCallback,
+}
+
+pub(crate) enum Job {
+    Commit(CommitJob),
+    Lease {
+        table: Arc<TableState>,
+        until: u64,
+        durable: bool,
+    },
+    /// Runs once every job submitted before it is settled.
+    Barrier(Box<dyn FnOnce() + Send>),
+    Shutdown,
+}
+
+/// Counters for `stats()`: `commits / batches` is how many commits shared each transaction.
+#[derive(Default)]
+pub struct CommitStats {
+    pub commits: AtomicU64,
+    pub batches: AtomicU64,
+    pub failed_batches: AtomicU64,
+    pub largest_batch: AtomicU64,
+}
+
+pub(crate) struct CommitQueue {
+    tx: mpsc::Sender<Job>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    pub stats: Arc<CommitStats>,
+}
+
+impl CommitQueue {
+    pub fn start(db: Arc<redb::Database>, path: String) -> Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(CommitStats::default());
+        let writer = Writer {
+            db,
+            path,
+            stats: stats.clone(),
+            unsynced: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name("kvstore-writer".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(CommitQueue {
+            tx,
+            thread: Mutex::new(Some(thread)),
+            stats,
+        })
+    }
+
+    pub fn submit(&self, job: Job) {
+        if let Err(mpsc::SendError(job)) = self.tx.send(job) {
+            fail_job(job, &Error::StoreClosed);
+        }
+    }
+
+    /// Lets the writer finish what is queued, make it durable, and stop.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Job::Shutdown);
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Writer {
+    db: Arc<redb::Database>,
+    path: String,
+    stats: Arc<CommitStats>,
+    /// A non-durable transaction was committed since the last fsync.
+    unsynced: bool,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        let mut carry: Vec<Job> = Vec::new();
+        let mut stopping = false;
+        while !stopping {
+            let mut jobs = std::mem::take(&mut carry);
+            if jobs.is_empty() {
+                match rx.recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            while jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            if let Some(at) = jobs.iter().position(|j| matches!(j, Job::Shutdown)) {
+                stopping = true;
+                // Whatever arrived after the shutdown request is refused, not dropped silently.
+                for late in jobs.drain(at..).skip(1) {
+                    fail_job(late, &Error::StoreClosed);
+                }
+            }
+            if !jobs.is_empty() {
+                carry = self.commit_batch(jobs);
+            }
+        }
+        if self.unsynced {
+            // Durability 'none' commits reach the disk at close at the latest.
+            let _ = self.write(&[], true);
+        }
+    }
+
+    /// Writes one batch and settles it. Returns follow-up jobs (further key leases).
+    fn commit_batch(&mut self, jobs: Vec<Job>) -> Vec<Job> {
+        let durable = jobs.iter().any(|j| match j {
+            Job::Commit(c) => c.durable,
+            Job::Lease { durable, .. } => *durable,
+            Job::Barrier(_) | Job::Shutdown => false,
+        });
+        let outcome =
+            catch_unwind(AssertUnwindSafe(|| self.write(&jobs, durable))).unwrap_or_else(|_| {
+                Err(Error::Io {
+                    errno: None,
+                    message: "the writer panicked; the transaction was rolled back".into(),
+                })
+            });
+        let commits = jobs.iter().filter(|j| matches!(j, Job::Commit(_))).count() as u64;
+        match outcome {
+            Ok(()) => {
+                self.unsynced = !durable;
+                self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                self.stats.commits.fetch_add(commits, Ordering::Relaxed);
+                self.stats
+                    .largest_batch
+                    .fetch_max(commits, Ordering::Relaxed);
+                jobs.into_iter().filter_map(settle_success).collect()
+            }
+            Err(err) => {
+                self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                for job in jobs {
+                    fail_job(job, &err);
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    fn write(&self, jobs: &[Job], durable: bool) -> Result<()> {
+        let path = self.path.as_str();
+        let redb_err = |e: redb::Error| from_redb(path, e);
+        let mut txn = self.db.begin_write().map_err(|e| redb_err(e.into()))?;
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(|e| redb_err(e.into()))?;
+        {
+            let mut tables: HashMap<&str, redb::Table<&str, &[u8]>> = HashMap::new();
+            let mut meta: Option<redb::Table<&str, &[u8]>> = None;
+            for job in jobs {
+                match job {
+                    Job::Commit(c) => {
+                        let name = c.table.redb_name.as_str();
+                        if !tables.contains_key(name) {
+                            let table = txn
+                                .open_table(TableDefinition::<&str, &[u8]>::new(name))
+                                .map_err(|e| redb_err(e.into()))?;
+                            tables.insert(name, table);
+                        }
+                        let table = tables.get_mut(name).expect("opened above");
+                        match &c.change {
+                            Change::Put(record) => {
+                                table
+                                    .insert(&*c.key, &**record)
+                                    .map_err(|e| redb_err(e.into()))?;
+                            }
+                            Change::Delete => {
+                                table.remove(&*c.key).map_err(|e| redb_err(e.into()))?;
+                            }
+                        }
+                    }
+                    Job::Lease { table, until, .. } => {
+                        if meta.is_none() {
+                            meta =
+                                Some(txn.open_table(META_TABLE).map_err(|e| redb_err(e.into()))?);
+                        }
+                        let meta = meta.as_mut().expect("opened above");
+                        meta.insert(table.sequence_key.as_str(), until.to_le_bytes().as_slice())
+                            .map_err(|e| redb_err(e.into()))?;
+                    }
+                    Job::Barrier(_) | Job::Shutdown => {}
+                }
+            }
+        }
+        txn.commit().map_err(|e| redb_err(e.into()))
+    }
+}
+
+/// After a durable write: cache, then locks, then the caller.
+fn settle_success(job: Job) -> Option<Job> {
+    match job {
+        Job::Commit(c) => {
+            let (cached, after_delete) = match &c.change {
+                Change::Put(record) => (Some(record.clone()), false),
+                Change::Delete => (None, true),
+            };
+            c.table.cache.apply([(&*c.key, cached)]);
+            if c.release {
+                // The token was checked at submit and only the writer or the holder releases.
+                let _ = c.table.locks.release(&c.key, c.token, after_delete);
+            }
+            (c.done)(Ok(()));
+            None
+        }
+        Job::Lease {
+            table,
+            until,
+            durable,
+        } => {
+            let (served, again) = table.sequence().leased(until);
+            for (waiter, n) in served {
+                waiter(Ok(n));
+            }
+            again.map(|until| Job::Lease {
+                table,
+                until,
+                durable,
+            })
+        }
+        Job::Barrier(done) => {
+            done();
+            None
+        }
+        Job::Shutdown => None,
+    }
+}
+
+fn fail_job(job: Job, err: &Error) {
+    match job {
+        Job::Commit(c) => {
+            if !c.hold_on_failure {
+                let _ = c.table.locks.release(&c.key, c.token, false);
+            }
+            (c.done)(Err(err.clone()));
+        }
+        Job::Lease { table, .. } => {
+            let failed = table.sequence().lease_failed(err);
+            for (waiter, err) in failed {
+                waiter(Err(err));
+            }
+        }
+        Job::Barrier(done) => done(),
+        Job::Shutdown => {}
+    }
+}

@@ -1,0 +1,197 @@
+//! The one error type of the engine. Every variant has a stable [`ErrorCode`]; the Node binding
+//! passes the code through unchanged and the TypeScript layer maps it to an error class.
+
+use std::fmt;
+
+/// Stable, documented error codes. The TypeScript error classes are keyed by these strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    EntryExists,
+    EntryNotFound,
+    EntryDeleted,
+    LockReleased,
+    EntryReleased,
+    IllegalKey,
+    LockTimeout,
+    Aborted,
+    Codec,
+    CodecMismatch,
+    DatabaseLocked,
+    DatabaseCorrupt,
+    StoreClosed,
+    InvalidArgument,
+    Io,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 15] = [
+        ErrorCode::EntryExists,
+        ErrorCode::EntryNotFound,
+        ErrorCode::EntryDeleted,
+        ErrorCode::LockReleased,
+        ErrorCode::EntryReleased,
+        ErrorCode::IllegalKey,
+        ErrorCode::LockTimeout,
+        ErrorCode::Aborted,
+        ErrorCode::Codec,
+        ErrorCode::CodecMismatch,
+        ErrorCode::DatabaseLocked,
+        ErrorCode::DatabaseCorrupt,
+        ErrorCode::StoreClosed,
+        ErrorCode::InvalidArgument,
+        ErrorCode::Io,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::EntryExists => "ERR_ENTRY_EXISTS",
+            ErrorCode::EntryNotFound => "ERR_ENTRY_NOT_FOUND",
+            ErrorCode::EntryDeleted => "ERR_ENTRY_DELETED",
+            ErrorCode::LockReleased => "ERR_LOCK_RELEASED",
+            ErrorCode::EntryReleased => "ERR_ENTRY_RELEASED",
+            ErrorCode::IllegalKey => "ERR_ILLEGAL_KEY",
+            ErrorCode::LockTimeout => "ERR_LOCK_TIMEOUT",
+            ErrorCode::Aborted => "ABORT_ERR",
+            ErrorCode::Codec => "ERR_CODEC",
+            ErrorCode::CodecMismatch => "ERR_CODEC_MISMATCH",
+            ErrorCode::DatabaseLocked => "ERR_DATABASE_LOCKED",
+            ErrorCode::DatabaseCorrupt => "ERR_DATABASE_CORRUPT",
+            ErrorCode::StoreClosed => "ERR_STORE_CLOSED",
+            ErrorCode::InvalidArgument => "ERR_INVALID_ARGUMENT",
+            ErrorCode::Io => "ERR_IO",
+        }
+    }
+}
+
+impl AsRef<str> for ErrorCode {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("entry '{key}' already exists")]
+    EntryExists { key: String },
+    #[error("entry '{key}' not found")]
+    EntryNotFound { key: String },
+    #[error("entry '{key}' was deleted by the previous lock holder")]
+    EntryDeleted { key: String },
+    #[error("the lock on '{key}' was already released")]
+    LockReleased { key: String },
+    #[error("illegal key: {reason}")]
+    IllegalKey { reason: String },
+    #[error("timed out waiting for the lock on '{key}'")]
+    LockTimeout { key: String },
+    #[error("the operation was aborted")]
+    Aborted,
+    #[error("{message}")]
+    Codec { message: String },
+    #[error("table '{table}' was written with codec '{stored}', not '{requested}'")]
+    CodecMismatch {
+        table: String,
+        stored: String,
+        requested: String,
+    },
+    #[error("database '{path}' is open in another process")]
+    DatabaseLocked { path: String },
+    #[error("database '{path}' is corrupt: {detail}")]
+    DatabaseCorrupt { path: String, detail: String },
+    #[error("the store is closed")]
+    StoreClosed,
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{message}")]
+    Io {
+        /// The OS error number (e.g. 28 for ENOSPC) when the failure came from the OS.
+        errno: Option<i32>,
+        message: String,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::EntryExists { .. } => ErrorCode::EntryExists,
+            Error::EntryNotFound { .. } => ErrorCode::EntryNotFound,
+            Error::EntryDeleted { .. } => ErrorCode::EntryDeleted,
+            Error::LockReleased { .. } => ErrorCode::LockReleased,
+            Error::IllegalKey { .. } => ErrorCode::IllegalKey,
+            Error::LockTimeout { .. } => ErrorCode::LockTimeout,
+            Error::Aborted => ErrorCode::Aborted,
+            Error::Codec { .. } => ErrorCode::Codec,
+            Error::CodecMismatch { .. } => ErrorCode::CodecMismatch,
+            Error::DatabaseLocked { .. } => ErrorCode::DatabaseLocked,
+            Error::DatabaseCorrupt { .. } => ErrorCode::DatabaseCorrupt,
+            Error::StoreClosed => ErrorCode::StoreClosed,
+            Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Error::Io { .. } => ErrorCode::Io,
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::InvalidArgument(message.into())
+    }
+
+    pub fn illegal_key(reason: impl Into<String>) -> Self {
+        Error::IllegalKey {
+            reason: reason.into(),
+        }
+    }
+
+    pub fn codec(message: impl Into<String>) -> Self {
+        Error::Codec {
+            message: message.into(),
+        }
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(err: std::io::Error) -> Self {
+        Error::Io {
+            errno: err.raw_os_error(),
+            message: err.to_string(),
+        }
+    }
+}
+
+/// Converts any redb failure that is not handled at its call site. Storage I/O keeps its errno;
+/// corruption becomes [`Error::DatabaseCorrupt`].
+pub(crate) fn from_storage(path: &str, err: redb::StorageError) -> Error {
+    match err {
+        redb::StorageError::Io(io) => io.into(),
+        redb::StorageError::Corrupted(detail) => Error::DatabaseCorrupt {
+            path: path.to_string(),
+            detail,
+        },
+        other => Error::Io {
+            errno: None,
+            message: other.to_string(),
+        },
+    }
+}
+
+pub(crate) fn from_redb(path: &str, err: redb::Error) -> Error {
+    match err {
+        redb::Error::Io(io) => io.into(),
+        redb::Error::Corrupted(detail) => Error::DatabaseCorrupt {
+            path: path.to_string(),
+            detail,
+        },
+        redb::Error::DatabaseAlreadyOpen => Error::DatabaseLocked {
+            path: path.to_string(),
+        },
+        other => Error::Io {
+            errno: None,
+            message: other.to_string(),
+        },
+    }
+}

@@ -1,0 +1,37 @@
+//! kvstore-core: an embedded key/value engine over [redb] for services that keep one record per
+//! key and update it from many concurrent tasks. It owns per-key FIFO locks, a bounded entry
+//! cache, auto-generated keys leased from the file, and a single writer that commits every
+//! pending change in one transaction (group commit). The Node binding is a thin layer over it.
+//!
+//! ```no_run
+//! use kvstore_core::{Database, DatabaseOptions, MapOptions, LockMode, envelope};
+//! let db = Database::open("/tmp/jobs.redb", DatabaseOptions::default())?;
+//! let jobs = db.map_store("jobs", MapOptions::default())?;
+//! let guard = jobs.lock("job-1", LockMode::New, None)?;
+//! guard.commit(envelope::encode(&[("path".into(), "/data/x".into())], b"queued"))?;
+//! assert_eq!(jobs.get_record("job-1")?.unwrap().value, b"queued");
+//! db.close();
+//! # Ok::<(), kvstore_core::Error>(())
+//! ```
+
+mod cache;
+mod commit_queue;
+pub mod envelope;
+mod error;
+mod keys;
+mod locks;
+mod range;
+mod sequence;
+mod store;
+
+pub use cache::CacheCounts;
+pub use commit_queue::{Change, CommitCallback};
+pub use envelope::Record;
+pub use error::{Error, ErrorCode, Result};
+pub use keys::{validate_key, KeyFormat, MAX_KEY_BYTES};
+pub use locks::{Acquire, Grant, GrantCallback, LockCounts, LockToken, OwnerId};
+pub use range::{EntryRange, RangeOptions, RawEntry};
+pub use store::{
+    CommitOptions, Database, DatabaseOptions, EntryGuard, LockMode, LockedEntry, MapOptions,
+    MapStats, MapStore, NextKey, FORMAT_VERSION, MAX_RECORD_BYTES,
+};

@@ -1,0 +1,219 @@
+//! Walking a table over one consistent snapshot, in byte-wise key order.
+
+use std::ops::Bound;
+
+use redb::{OwnedAccessGuard, OwnedRange};
+
+use crate::error::{Error, Result};
+
+/// Which part of a table to walk. `start` is inclusive, `stop` exclusive; `prefix` keeps only
+/// keys that begin with it.
+#[derive(Debug, Clone, Default)]
+pub struct RangeOptions {
+    pub prefix: Option<String>,
+    pub start: Option<String>,
+    pub stop: Option<String>,
+    pub reverse: bool,
+    pub limit: Option<u64>,
+}
+
+/// One stored entry, borrowed from the snapshot without a copy.
+pub struct RawEntry {
+    key: OwnedAccessGuard<&'static str>,
+    record: OwnedAccessGuard<&'static [u8]>,
+}
+
+impl RawEntry {
+    pub fn key(&self) -> &str {
+        self.key.value()
+    }
+
+    /// The record envelope (see [`crate::envelope`]).
+    pub fn record(&self) -> &[u8] {
+        self.record.value()
+    }
+}
+
+/// A live walk; holds its snapshot until dropped.
+pub struct EntryRange {
+    inner: Option<OwnedRange<&'static str, &'static [u8]>>,
+    prefix: Option<String>,
+    reverse: bool,
+    remaining: Option<u64>,
+    path: String,
+}
+
+/// The key bounds a walk covers, after folding the prefix into start and stop.
+pub(crate) struct KeyBounds {
+    pub lower: Bound<String>,
+    pub upper: Bound<String>,
+    pub empty: bool,
+}
+
+impl RangeOptions {
+    pub(crate) fn bounds(&self) -> Result<KeyBounds> {
+        let mut lower = match &self.start {
+            Some(start) => Bound::Included(start.clone()),
+            None => Bound::Unbounded,
+        };
+        let mut upper = match &self.stop {
+            Some(stop) => Bound::Excluded(stop.clone()),
+            None => Bound::Unbounded,
+        };
+        if let Some(prefix) = self.prefix.as_deref().filter(|p| !p.is_empty()) {
+            match &self.start {
+                Some(start) if !start.starts_with(prefix) => {
+                    return Err(Error::invalid(format!(
+                        "start '{start}' is outside prefix '{prefix}'"
+                    )))
+                }
+                Some(_) => {}
+                None => lower = Bound::Included(prefix.to_string()),
+            }
+            if let Some(after) = prefix_successor(prefix) {
+                let tighter = match &upper {
+                    Bound::Excluded(stop) => after < *stop,
+                    _ => true,
+                };
+                if tighter {
+                    upper = Bound::Excluded(after);
+                }
+            }
+        }
+        let empty = match (&lower, &upper) {
+            (Bound::Included(lo), Bound::Excluded(hi)) => lo >= hi,
+            _ => false,
+        };
+        Ok(KeyBounds {
+            lower,
+            upper,
+            empty,
+        })
+    }
+}
+
+/// The least string greater than every string that starts with `prefix`, if there is one.
+/// UTF-8 preserves code point order, so bumping the last character is enough.
+fn prefix_successor(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let mut code = last as u32 + 1;
+        if (0xD800..0xE000).contains(&code) {
+            code = 0xE000;
+        }
+        if let Some(next) = char::from_u32(code) {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+impl EntryRange {
+    pub(crate) fn new(
+        table: Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>,
+        options: &RangeOptions,
+        path: &str,
+    ) -> Result<Self> {
+        let bounds = options.bounds()?;
+        let inner = match table {
+            Some(table) if !bounds.empty && options.limit != Some(0) => {
+                let lower = bound_ref(&bounds.lower);
+                let upper = bound_ref(&bounds.upper);
+                Some(
+                    table
+                        .range_owned::<&str>((lower, upper))
+                        .map_err(|e| crate::error::from_storage(path, e))?,
+                )
+            }
+            _ => None,
+        };
+        Ok(EntryRange {
+            inner,
+            prefix: options.prefix.clone().filter(|p| !p.is_empty()),
+            reverse: options.reverse,
+            remaining: options.limit,
+            path: path.to_string(),
+        })
+    }
+
+    fn finish(&mut self) {
+        self.inner = None;
+    }
+}
+
+fn bound_ref(bound: &Bound<String>) -> Bound<&str> {
+    match bound {
+        Bound::Included(s) => Bound::Included(s.as_str()),
+        Bound::Excluded(s) => Bound::Excluded(s.as_str()),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+impl Iterator for EntryRange {
+    type Item = Result<RawEntry>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.remaining == Some(0) {
+            self.finish();
+        }
+        let inner = self.inner.as_mut()?;
+        let item = if self.reverse {
+            inner.next_back()
+        } else {
+            inner.next()
+        };
+        match item {
+            None => {
+                self.finish();
+                None
+            }
+            Some(Err(e)) => {
+                self.finish();
+                Some(Err(crate::error::from_storage(&self.path, e)))
+            }
+            Some(Ok((key, record))) => {
+                if let Some(prefix) = &self.prefix {
+                    if !key.value().starts_with(prefix.as_str()) {
+                        self.finish();
+                        return None;
+                    }
+                }
+                if let Some(n) = self.remaining.as_mut() {
+                    *n -= 1;
+                }
+                Some(Ok(RawEntry { key, record }))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn successor_bounds_every_key_with_the_prefix() {
+        assert_eq!(prefix_successor("/foo").as_deref(), Some("/fop"));
+        assert_eq!(prefix_successor("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(prefix_successor("\u{10FFFF}"), None);
+        assert_eq!(prefix_successor("a\u{D7FF}").as_deref(), Some("a\u{E000}"));
+        let succ = prefix_successor("ab").unwrap();
+        for key in ["ab", "ab\u{0}", "abz", "ab\u{10FFFF}\u{10FFFF}"] {
+            assert!(key < succ.as_str());
+        }
+    }
+
+    #[test]
+    fn start_outside_prefix_is_invalid() {
+        let opts = RangeOptions {
+            prefix: Some("/foo".into()),
+            start: Some("/bar".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            opts.bounds().err().unwrap().code(),
+            crate::ErrorCode::InvalidArgument
+        );
+    }
+}

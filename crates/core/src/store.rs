@@ -1,0 +1,994 @@
+//! Open files and their tables. One [`Shared`] core per file per process (a static registry, so
+//! every thread and every Node worker shares it); each [`Database`] is a handle that owns the
+//! locks it takes, and the file closes when its last handle closes.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::time::Duration;
+
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableError};
+
+use crate::cache::{EntryCache, Lookup};
+use crate::commit_queue::{Change, CommitCallback, CommitJob, CommitQueue, Job};
+use crate::envelope::{self, Record};
+use crate::error::{from_redb, Error, Result};
+use crate::keys::{validate_key, KeyFormat};
+use crate::locks::{Acquire, Grant, GrantCallback, LockTable, LockToken, OwnerId};
+use crate::range::{EntryRange, RangeOptions};
+use crate::sequence::{KeySequence, NumberCallback, Take};
+
+pub(crate) const META_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("kvstore:meta");
+const FORMAT_KEY: &str = "format";
+/// Version of the on-disk layout (tables, meta keys, envelope); see FORMAT.md.
+pub const FORMAT_VERSION: u64 = 1;
+/// Largest record (envelope + value) one commit may write.
+pub const MAX_RECORD_BYTES: usize = 1 << 30;
+
+/// Options that belong to the file; the first opener in a process decides them.
+#[derive(Debug, Clone)]
+pub struct DatabaseOptions {
+    /// redb's page cache. redb's own default is 1 GiB, a ceiling RSS grows into.
+    pub page_cache_bytes: usize,
+    /// fsync before a commit is acknowledged (`durability: 'immediate'`).
+    pub durable: bool,
+}
+
+impl Default for DatabaseOptions {
+    fn default() -> Self {
+        DatabaseOptions {
+            page_cache_bytes: 64 << 20,
+            durable: true,
+        }
+    }
+}
+
+/// Options of one named map; the first opener of the table in a process decides the cache size.
+#[derive(Debug, Clone)]
+pub struct MapOptions {
+    /// The codec's name, recorded in the file; a different name on a later open is refused.
+    pub codec: String,
+    pub cache_capacity: usize,
+    pub keys: KeyFormat,
+    /// Auto-key numbers leased from the file per write.
+    pub bandwidth: u64,
+}
+
+impl Default for MapOptions {
+    fn default() -> Self {
+        MapOptions {
+            codec: "raw".into(),
+            cache_capacity: 10_000,
+            keys: KeyFormat::default(),
+            bandwidth: 1000,
+        }
+    }
+}
+
+/// What a lock is taken for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// The entry must exist (`getAndLockEntry`).
+    Existing,
+    /// The entry must not exist (`createAndLockEntry`).
+    New,
+    /// Either; `existed` tells which (`allowExisting`).
+    Any,
+}
+
+/// A lock that was granted, with the committed record at that moment.
+#[derive(Debug, Clone)]
+pub struct LockedEntry {
+    pub token: LockToken,
+    pub record: Option<Arc<[u8]>>,
+    pub existed: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitOptions {
+    /// Keep the lock after a successful write; the holder may commit again.
+    pub update_only: bool,
+    /// On failure keep the lock so the caller can retry.
+    pub hold_lock_on_failure: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MapStats {
+    pub entries: u64,
+    pub file_bytes: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub cache_entries: u64,
+    pub locks_held: u64,
+    pub locks_waiting: u64,
+    pub commits: u64,
+    pub batches: u64,
+    pub failed_batches: u64,
+    pub largest_batch: u64,
+}
+
+/// One table's shared state: its locks, cache and key sequence.
+pub(crate) struct TableState {
+    pub name: String,
+    pub redb_name: String,
+    pub sequence_key: String,
+    pub codec: String,
+    pub keys: KeyFormat,
+    pub locks: LockTable,
+    pub cache: EntryCache,
+    sequence: Mutex<KeySequence>,
+}
+
+impl TableState {
+    pub fn sequence(&self) -> MutexGuard<'_, KeySequence> {
+        self.sequence.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn definition(&self) -> TableDefinition<'_, &'static str, &'static [u8]> {
+        TableDefinition::new(&self.redb_name)
+    }
+}
+
+/// The per-file core shared by every handle in the process.
+pub(crate) struct Shared {
+    path: String,
+    /// Taken out when the last handle closes, so the file lock goes even while stray handles
+    /// (dropped later by a garbage collector) still point here.
+    db: RwLock<Option<Arc<redb::Database>>>,
+    queue: CommitQueue,
+    tables: Mutex<HashMap<String, Arc<TableState>>>,
+}
+
+struct Registered {
+    shared: Arc<Shared>,
+    handles: usize,
+}
+
+fn registry() -> MutexGuard<'static, HashMap<PathBuf, Registered>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<PathBuf, Registered>>> = OnceLock::new();
+    REGISTRY
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
+
+/// The same file reached by another spelling of its path must map to the same core.
+fn normalize(path: &Path) -> Result<PathBuf> {
+    let absolute = std::path::absolute(path)?;
+    let name = absolute
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("'{}' is not a file path", path.display())))?;
+    let parent = absolute.parent().unwrap_or(Path::new("/"));
+    Ok(parent.canonicalize()?.join(name))
+}
+
+fn open_error(path: &str, err: redb::DatabaseError) -> Error {
+    use redb::{DatabaseError, StorageError};
+    let corrupt = |detail: String| Error::DatabaseCorrupt {
+        path: path.to_string(),
+        detail,
+    };
+    match err {
+        DatabaseError::DatabaseAlreadyOpen => Error::DatabaseLocked {
+            path: path.to_string(),
+        },
+        DatabaseError::Storage(StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            corrupt(io.to_string())
+        }
+        DatabaseError::Storage(StorageError::Corrupted(detail)) => corrupt(detail),
+        DatabaseError::UpgradeRequired(v) => {
+            corrupt(format!("written in an unsupported redb file format ({v})"))
+        }
+        other => from_redb(path, other.into()),
+    }
+}
+
+impl Shared {
+    fn open(path: &Path, options: &DatabaseOptions) -> Result<Shared> {
+        let shown = path.display().to_string();
+        let mut builder = redb::Database::builder();
+        builder.set_cache_size(options.page_cache_bytes);
+        // redb can panic on some damaged files instead of returning an error.
+        let db = catch_unwind(AssertUnwindSafe(|| builder.create(path)))
+            .map_err(|_| Error::DatabaseCorrupt {
+                path: shown.clone(),
+                detail: "the file could not be read as a redb database".into(),
+            })?
+            .map_err(|e| open_error(&shown, e))?;
+        let db = Arc::new(db);
+        check_format(&db, &shown)?;
+        let queue = CommitQueue::start(db.clone(), shown.clone())?;
+        Ok(Shared {
+            path: shown,
+            db: RwLock::new(Some(db)),
+            queue,
+            tables: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn db(&self) -> Result<Arc<redb::Database>> {
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        db.clone().ok_or(Error::StoreClosed)
+    }
+
+    fn redb_err(&self, err: impl Into<redb::Error>) -> Error {
+        from_redb(&self.path, err.into())
+    }
+
+    fn table(&self, name: &str, options: &MapOptions) -> Result<Arc<TableState>> {
+        let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(table) = tables.get(name) {
+            if table.codec != options.codec {
+                return Err(Error::CodecMismatch {
+                    table: name.into(),
+                    stored: table.codec.clone(),
+                    requested: options.codec.clone(),
+                });
+            }
+            return Ok(table.clone());
+        }
+        let redb_name = format!("map:{name}");
+        let codec_key = format!("codec:{name}");
+        let sequence_key = format!("seq:{name}");
+        let txn = self.db()?.begin_write().map_err(|e| self.redb_err(e))?;
+        let leased_until = {
+            txn.open_table(TableDefinition::<&str, &[u8]>::new(&redb_name))
+                .map_err(|e| self.redb_err(e))?;
+            let mut meta = txn.open_table(META_TABLE).map_err(|e| self.redb_err(e))?;
+            let stored = meta
+                .get(codec_key.as_str())
+                .map_err(|e| self.redb_err(e))?
+                .map(|g| String::from_utf8_lossy(g.value()).into_owned());
+            match stored {
+                Some(stored) if stored != options.codec => {
+                    return Err(Error::CodecMismatch {
+                        table: name.into(),
+                        stored,
+                        requested: options.codec.clone(),
+                    })
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert(codec_key.as_str(), options.codec.as_bytes())
+                        .map_err(|e| self.redb_err(e))?;
+                }
+            }
+            let leased = meta
+                .get(sequence_key.as_str())
+                .map_err(|e| self.redb_err(e))?
+                .map(|g| decode_u64(g.value()));
+            leased.unwrap_or(0)
+        };
+        txn.commit().map_err(|e| self.redb_err(e))?;
+        let table = Arc::new(TableState {
+            name: name.to_string(),
+            redb_name,
+            sequence_key,
+            codec: options.codec.clone(),
+            keys: options.keys,
+            locks: LockTable::new(),
+            cache: EntryCache::new(options.cache_capacity),
+            sequence: Mutex::new(KeySequence::new(leased_until, options.bandwidth)),
+        });
+        tables.insert(name.to_string(), table.clone());
+        Ok(table)
+    }
+
+    fn tables(&self) -> Vec<Arc<TableState>> {
+        let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        tables.values().cloned().collect()
+    }
+
+    /// Runs `f` once every job submitted before it has been settled.
+    fn barrier(&self) {
+        let (tx, rx) = mpsc::channel();
+        self.queue.submit(Job::Barrier(Box::new(move || {
+            let _ = tx.send(());
+        })));
+        let _ = rx.recv();
+    }
+}
+
+fn decode_u64(bytes: &[u8]) -> u64 {
+    let mut raw = [0u8; 8];
+    let n = bytes.len().min(8);
+    raw[..n].copy_from_slice(&bytes[..n]);
+    u64::from_le_bytes(raw)
+}
+
+fn check_format(db: &redb::Database, path: &str) -> Result<()> {
+    let err = |e: redb::Error| from_redb(path, e);
+    let txn = db.begin_write().map_err(|e| err(e.into()))?;
+    {
+        let mut meta = txn.open_table(META_TABLE).map_err(|e| err(e.into()))?;
+        let stored = meta
+            .get(FORMAT_KEY)
+            .map_err(|e| err(e.into()))?
+            .map(|g| decode_u64(g.value()));
+        match stored {
+            Some(FORMAT_VERSION) => {}
+            Some(other) => return Err(Error::DatabaseCorrupt {
+                path: path.to_string(),
+                detail: format!(
+                    "kvstore format {other} is not supported (this build reads {FORMAT_VERSION})"
+                ),
+            }),
+            None => {
+                meta.insert(FORMAT_KEY, FORMAT_VERSION.to_le_bytes().as_slice())
+                    .map_err(|e| err(e.into()))?;
+            }
+        }
+    }
+    txn.commit().map_err(|e| err(e.into()))
+}
+
+struct Handle {
+    shared: Arc<Shared>,
+    key: PathBuf,
+    owner: OwnerId,
+    durable: bool,
+    closed: AtomicBool,
+}
+
+impl Handle {
+    fn close(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Commits already submitted by this handle land before its locks are let go.
+        self.shared.barrier();
+        for table in self.shared.tables() {
+            table.locks.release_owner(self.owner);
+        }
+        let last = {
+            let mut registry = registry();
+            let done = match registry.get_mut(&self.key) {
+                Some(entry) if Arc::ptr_eq(&entry.shared, &self.shared) => {
+                    entry.handles -= 1;
+                    entry.handles == 0
+                }
+                _ => false,
+            };
+            if done {
+                registry.remove(&self.key);
+            }
+            done
+        };
+        if last {
+            self.shared.queue.shutdown();
+            self.shared
+                .db
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// A handle on a store file. Cheap to clone; every clone is the same handle.
+#[derive(Clone)]
+pub struct Database {
+    handle: Arc<Handle>,
+}
+
+impl Database {
+    /// Opens (creating if needed) the file, or joins the core already open in this process.
+    pub fn open(path: impl AsRef<Path>, options: DatabaseOptions) -> Result<Database> {
+        let key = normalize(path.as_ref())?;
+        let shared = {
+            let mut registry = registry();
+            match registry.get_mut(&key) {
+                Some(entry) => {
+                    entry.handles += 1;
+                    entry.shared.clone()
+                }
+                None => {
+                    let shared = Arc::new(Shared::open(&key, &options)?);
+                    registry.insert(
+                        key.clone(),
+                        Registered {
+                            shared: shared.clone(),
+                            handles: 1,
+                        },
+                    );
+                    shared
+                }
+            }
+        };
+        Ok(Database {
+            handle: Arc::new(Handle {
+                shared,
+                key,
+                owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
+                durable: options.durable,
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    pub fn map_store(&self, name: &str, options: MapOptions) -> Result<MapStore> {
+        self.check_open()?;
+        if name.is_empty() || name.len() > 255 {
+            return Err(Error::invalid(
+                "a table name must be between 1 and 255 bytes",
+            ));
+        }
+        if options.bandwidth == 0 {
+            return Err(Error::invalid("keys.bandwidth must be at least 1"));
+        }
+        let table = self.handle.shared.table(name, &options)?;
+        Ok(MapStore {
+            handle: self.handle.clone(),
+            table,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.handle.key
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.handle.closed.load(Ordering::SeqCst)
+    }
+
+    /// Waits for this handle's commits in flight, releases its locks and rejects its waiters;
+    /// closes the file if this was its last handle. Idempotent.
+    pub fn close(&self) {
+        self.handle.close();
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.is_closed() {
+            return Err(Error::StoreClosed);
+        }
+        Ok(())
+    }
+}
+
+/// One named map of a [`Database`], through one handle.
+#[derive(Clone)]
+pub struct MapStore {
+    handle: Arc<Handle>,
+    table: Arc<TableState>,
+}
+
+/// Outcome of [`MapStore::next_key`] when no number was at hand.
+pub enum NextKey {
+    Ready(String),
+    Pending,
+}
+
+impl MapStore {
+    pub fn name(&self) -> &str {
+        &self.table.name
+    }
+
+    pub fn codec(&self) -> &str {
+        &self.table.codec
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.handle.shared
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.handle.closed.load(Ordering::SeqCst) {
+            return Err(Error::StoreClosed);
+        }
+        Ok(())
+    }
+
+    // ---- locks ----
+
+    /// Asks for `key`'s lock. When it is free the grant comes back at once; otherwise
+    /// `make_waiter` builds the callback that will hear the grant (or why it never came).
+    /// `ticket` names the wait for [`MapStore::cancel_wait`].
+    pub fn acquire(
+        &self,
+        key: &str,
+        ticket: u64,
+        make_waiter: impl FnOnce() -> Result<GrantCallback>,
+    ) -> Result<Acquire> {
+        self.check_open()?;
+        validate_key(key)?;
+        self.table
+            .locks
+            .acquire(key, self.handle.owner, ticket, make_waiter)
+    }
+
+    /// Turns a grant into a locked entry per `mode`: reads the committed record and checks it
+    /// exists (or not). On failure the lock is released and the error returned.
+    pub fn finish_acquire(&self, key: &str, grant: Grant, mode: LockMode) -> Result<LockedEntry> {
+        let record = match self.check_open().and_then(|_| self.read(key)) {
+            Ok(record) => record,
+            Err(err) => {
+                let _ = self
+                    .table
+                    .locks
+                    .release(key, grant.token, grant.after_delete);
+                return Err(err);
+            }
+        };
+        let failure = match (mode, &record) {
+            (LockMode::Existing, None) if grant.after_delete => Some(Error::EntryDeleted {
+                key: key.to_string(),
+            }),
+            (LockMode::Existing, None) => Some(Error::EntryNotFound {
+                key: key.to_string(),
+            }),
+            (LockMode::New, Some(_)) => Some(Error::EntryExists {
+                key: key.to_string(),
+            }),
+            _ => None,
+        };
+        if let Some(err) = failure {
+            // Later waiters for a deleted entry learn of the deletion too.
+            let _ =
+                self.table
+                    .locks
+                    .release(key, grant.token, grant.after_delete && record.is_none());
+            return Err(err);
+        }
+        Ok(LockedEntry {
+            token: grant.token,
+            existed: record.is_some(),
+            record,
+        })
+    }
+
+    /// Gives up a queued wait (timeout, abort). False if it was granted meanwhile: the grant
+    /// then stands and must be used or released.
+    pub fn cancel_wait(&self, ticket: u64, reason: Error) -> bool {
+        self.table.locks.cancel(self.handle.owner, ticket, reason)
+    }
+
+    /// Drops a lock without writing.
+    pub fn release(&self, key: &str, token: LockToken) -> Result<()> {
+        self.table.locks.release(key, token, false)
+    }
+
+    /// Queues a write of `key` under its lock. Errors found before queueing (a released lock,
+    /// bad options, an oversize record) come back at once; the rest reach `done`.
+    pub fn commit(
+        &self,
+        key: &str,
+        token: LockToken,
+        change: Change,
+        options: CommitOptions,
+        done: CommitCallback,
+    ) -> Result<()> {
+        if matches!(change, Change::Delete) && options.update_only {
+            return Err(Error::invalid(
+                "commit cannot both delete and keep the lock (delete with updateOnly)",
+            ));
+        }
+        if !self.table.locks.holds(key, token) {
+            return Err(Error::LockReleased {
+                key: key.to_string(),
+            });
+        }
+        let refused = if self.handle.closed.load(Ordering::SeqCst) {
+            Some(Error::StoreClosed)
+        } else {
+            match &change {
+                Change::Put(record) if record.len() > MAX_RECORD_BYTES => {
+                    Some(Error::invalid(format!(
+                        "the record for '{key}' is {} bytes; the limit is {MAX_RECORD_BYTES}",
+                        record.len()
+                    )))
+                }
+                _ => None,
+            }
+        };
+        if let Some(err) = refused {
+            if !options.hold_lock_on_failure {
+                let _ = self.table.locks.release(key, token, false);
+            }
+            return Err(err);
+        }
+        self.shared().queue.submit(Job::Commit(CommitJob {
+            table: self.table.clone(),
+            key: key.into(),
+            token,
+            change,
+            release: !options.update_only,
+            hold_on_failure: options.hold_lock_on_failure,
+            durable: self.handle.durable,
+            done,
+        }));
+        Ok(())
+    }
+
+    // ---- reads ----
+
+    /// The committed record of `key`, from the cache or the file.
+    pub fn get(&self, key: &str) -> Result<Option<Arc<[u8]>>> {
+        self.check_open()?;
+        validate_key(key)?;
+        self.read(key)
+    }
+
+    fn read(&self, key: &str) -> Result<Option<Arc<[u8]>>> {
+        let generation = match self.table.cache.lookup(key) {
+            Lookup::Hit(found) => return Ok(found),
+            Lookup::Miss { generation } => generation,
+        };
+        let found = match self.read_table()? {
+            Some(table) => table
+                .get(key)
+                .map_err(|e| self.shared().redb_err(e))?
+                .map(|g| Arc::<[u8]>::from(g.value())),
+            None => None,
+        };
+        self.table.cache.fill(key, generation, found.clone());
+        Ok(found)
+    }
+
+    fn read_table(&self) -> Result<Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>> {
+        let shared = self.shared();
+        let txn = shared.db()?.begin_read().map_err(|e| shared.redb_err(e))?;
+        match txn.open_table(self.table.definition()) {
+            Ok(table) => Ok(Some(table)),
+            Err(TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(shared.redb_err(e)),
+        }
+    }
+
+    /// A walk over one snapshot of the table.
+    pub fn range(&self, options: &RangeOptions) -> Result<EntryRange> {
+        self.check_open()?;
+        EntryRange::new(self.read_table()?, options, &self.shared().path)
+    }
+
+    pub fn count(&self, options: &RangeOptions) -> Result<u64> {
+        self.check_open()?;
+        let unbounded = options.prefix.as_deref().unwrap_or("").is_empty()
+            && options.start.is_none()
+            && options.stop.is_none();
+        if unbounded {
+            let table = self.read_table()?;
+            let len = match table {
+                Some(t) => t.len().map_err(|e| self.shared().redb_err(e))?,
+                None => 0,
+            };
+            return Ok(options.limit.map_or(len, |l| len.min(l)));
+        }
+        let mut n = 0;
+        for item in self.range(options)? {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    // ---- auto keys ----
+
+    /// The next auto key. When the current lease is used up, `make_waiter`'s callback hears
+    /// the key once the next lease is committed.
+    pub fn next_key(
+        &self,
+        make_waiter: impl FnOnce() -> Box<dyn FnOnce(Result<String>) + Send>,
+    ) -> Result<NextKey> {
+        self.check_open()?;
+        let keys = self.table.keys;
+        let take = self.table.sequence().take(|| {
+            let notify = make_waiter();
+            let waiter: NumberCallback = Box::new(move |n| notify(n.and_then(|n| keys.format(n))));
+            waiter
+        });
+        match take {
+            Take::Number(n) => Ok(NextKey::Ready(keys.format(n)?)),
+            Take::NeedLease(until) => {
+                if let Some(until) = until {
+                    self.shared().queue.submit(Job::Lease {
+                        table: self.table.clone(),
+                        until,
+                        durable: self.handle.durable,
+                    });
+                }
+                Ok(NextKey::Pending)
+            }
+        }
+    }
+
+    // ---- insight ----
+
+    pub fn stats(&self) -> Result<MapStats> {
+        self.check_open()?;
+        let shared = self.shared();
+        let entries = match self.read_table()? {
+            Some(t) => t.len().map_err(|e| shared.redb_err(e))?,
+            None => 0,
+        };
+        let cache = self.table.cache.counts();
+        let locks = self.table.locks.counts();
+        let commits = &shared.queue.stats;
+        Ok(MapStats {
+            entries,
+            file_bytes: std::fs::metadata(&self.handle.key).map_or(0, |m| m.len()),
+            cache_hits: cache.hits,
+            cache_misses: cache.misses,
+            cache_entries: cache.entries,
+            locks_held: locks.held,
+            locks_waiting: locks.waiting,
+            commits: commits.commits.load(Ordering::Relaxed),
+            batches: commits.batches.load(Ordering::Relaxed),
+            failed_batches: commits.failed_batches.load(Ordering::Relaxed),
+            largest_batch: commits.largest_batch.load(Ordering::Relaxed),
+        })
+    }
+
+    // ---- the blocking API for Rust callers ----
+
+    /// Waits for `key`'s lock (up to `timeout`) and returns the entry locked per `mode`.
+    pub fn lock(&self, key: &str, mode: LockMode, timeout: Option<Duration>) -> Result<EntryGuard> {
+        static TICKETS: AtomicU64 = AtomicU64::new(1);
+        let ticket = TICKETS.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        let grant = match self.acquire(key, ticket, || {
+            Ok(Box::new(move |r| {
+                let _ = tx.send(r);
+            }))
+        })? {
+            Acquire::Granted(grant) => grant,
+            Acquire::Queued => {
+                let received = match timeout {
+                    Some(t) => rx.recv_timeout(t).ok(),
+                    None => rx.recv().ok(),
+                };
+                match received {
+                    Some(outcome) => outcome?,
+                    None if self.cancel_wait(
+                        ticket,
+                        Error::LockTimeout {
+                            key: key.to_string(),
+                        },
+                    ) =>
+                    {
+                        return Err(Error::LockTimeout {
+                            key: key.to_string(),
+                        })
+                    }
+                    // Granted just as the wait ran out: take it.
+                    None => rx.recv().map_err(|_| Error::StoreClosed)??,
+                }
+            }
+        };
+        let locked = self.finish_acquire(key, grant, mode)?;
+        Ok(EntryGuard {
+            store: self.clone(),
+            key: key.to_string(),
+            locked,
+            held: true,
+        })
+    }
+
+    /// Creates an entry under a fresh auto key, locked.
+    pub fn lock_new_auto(&self) -> Result<EntryGuard> {
+        let key = self.next_key_blocking()?;
+        self.lock(&key, LockMode::New, None)
+    }
+
+    pub fn next_key_blocking(&self) -> Result<String> {
+        let (tx, rx) = mpsc::channel();
+        match self.next_key(|| {
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            })
+        })? {
+            NextKey::Ready(key) => Ok(key),
+            NextKey::Pending => rx.recv().map_err(|_| Error::StoreClosed)?,
+        }
+    }
+
+    /// The committed record of `key`, decoded from its envelope.
+    pub fn get_record(&self, key: &str) -> Result<Option<Record>> {
+        self.get(key)?
+            .map(|bytes| envelope::decode(&bytes))
+            .transpose()
+    }
+
+    /// Deletes `key` once its lock is free. Idempotent.
+    pub fn delete(&self, key: &str) -> Result<()> {
+        let guard = self.lock(key, LockMode::Any, None)?;
+        if guard.existed() {
+            guard.delete()
+        } else {
+            guard.release();
+            Ok(())
+        }
+    }
+}
+
+/// A held lock, for Rust callers. Dropping it releases the lock without writing.
+pub struct EntryGuard {
+    store: MapStore,
+    key: String,
+    locked: LockedEntry,
+    held: bool,
+}
+
+impl EntryGuard {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn existed(&self) -> bool {
+        self.locked.existed
+    }
+
+    /// The token that proves this guard holds the lock (for [`MapStore::commit`]).
+    pub fn token(&self) -> LockToken {
+        self.locked.token
+    }
+
+    /// The committed record when the lock was granted (or last committed through this guard).
+    pub fn record(&self) -> Option<&[u8]> {
+        self.locked.record.as_deref()
+    }
+
+    pub fn decoded(&self) -> Result<Option<Record>> {
+        self.record().map(envelope::decode).transpose()
+    }
+
+    fn write(&mut self, change: Change, options: CommitOptions) -> Result<()> {
+        let (tx, rx) = mpsc::channel();
+        let written = match &change {
+            Change::Put(record) => Some(record.clone()),
+            Change::Delete => None,
+        };
+        let outcome = self
+            .store
+            .commit(
+                &self.key,
+                self.locked.token,
+                change,
+                options,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            )
+            .and_then(|()| rx.recv().map_err(|_| Error::StoreClosed)?);
+        let keeps_lock = match &outcome {
+            Ok(()) => options.update_only,
+            Err(_) => {
+                options.hold_lock_on_failure
+                    && self.store.table.locks.holds(&self.key, self.locked.token)
+            }
+        };
+        self.held = keeps_lock;
+        if outcome.is_ok() {
+            self.locked.existed = written.is_some();
+            self.locked.record = written;
+        }
+        outcome
+    }
+
+    /// Writes `record` (an envelope) and releases the lock.
+    pub fn commit(mut self, record: Vec<u8>) -> Result<()> {
+        self.write(Change::Put(record.into()), CommitOptions::default())
+    }
+
+    /// Writes `record` and keeps the lock, per `options`.
+    pub fn commit_with(&mut self, record: Vec<u8>, options: CommitOptions) -> Result<()> {
+        if !self.held {
+            return Err(Error::LockReleased {
+                key: self.key.clone(),
+            });
+        }
+        self.write(Change::Put(record.into()), options)
+    }
+
+    /// Deletes the entry and releases the lock.
+    pub fn delete(mut self) -> Result<()> {
+        self.write(Change::Delete, CommitOptions::default())
+    }
+
+    /// Drops the lock without writing.
+    pub fn release(mut self) {
+        self.release_now();
+    }
+
+    fn release_now(&mut self) {
+        if std::mem::take(&mut self.held) {
+            let _ = self.store.release(&self.key, self.locked.token);
+        }
+    }
+}
+
+impl Drop for EntryGuard {
+    fn drop(&mut self) {
+        self.release_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_queued_behind_a_busy_writer_share_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("g.redb"), DatabaseOptions::default()).unwrap();
+        let map = db.map_store("m", MapOptions::default()).unwrap();
+        // Park the writer so that everything submitted next is pending at once.
+        let (park_tx, park_rx) = mpsc::channel::<()>();
+        let (parked_tx, parked_rx) = mpsc::channel::<()>();
+        map.shared().queue.submit(Job::Barrier(Box::new(move || {
+            parked_tx.send(()).unwrap();
+            let _ = park_rx.recv();
+        })));
+        parked_rx.recv().unwrap();
+        let before = map.stats().unwrap();
+        let (done_tx, done_rx) = mpsc::channel();
+        for i in 0..200 {
+            let key = format!("g{i:03}");
+            let grant = match map.acquire(&key, 0, || unreachable!()).unwrap() {
+                Acquire::Granted(g) => g,
+                Acquire::Queued => unreachable!("fresh keys are free"),
+            };
+            let done_tx = done_tx.clone();
+            map.commit(
+                &key,
+                grant.token,
+                Change::Put(Arc::from(envelope::encode(&[], b"v"))),
+                CommitOptions::default(),
+                Box::new(move |r| done_tx.send(r).unwrap()),
+            )
+            .unwrap();
+        }
+        park_tx.send(()).unwrap();
+        for _ in 0..200 {
+            done_rx.recv().unwrap().unwrap();
+        }
+        let after = map.stats().unwrap();
+        assert_eq!(after.commits - before.commits, 200);
+        assert_eq!(
+            after.batches - before.batches,
+            1,
+            "one transaction, one fsync"
+        );
+        assert_eq!(after.largest_batch, 200);
+        assert_eq!(after.locks_held, 0);
+        assert_eq!(after.entries, 200);
+    }
+
+    #[test]
+    fn an_oversize_record_fails_alone_and_releases_its_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("f.redb"), DatabaseOptions::default()).unwrap();
+        let map = db.map_store("m", MapOptions::default()).unwrap();
+        let keep = map.lock("keep", LockMode::New, None).unwrap();
+        keep.commit(envelope::encode(&[], b"old")).unwrap();
+        let oversize = map.lock("big", LockMode::New, None).unwrap();
+        let err = map
+            .commit(
+                "big",
+                oversize.token(),
+                Change::Put(Arc::from(vec![0u8; MAX_RECORD_BYTES + 1])),
+                CommitOptions::default(),
+                Box::new(|_| unreachable!("refused before queueing")),
+            )
+            .unwrap_err();
+        assert_eq!(err.code(), crate::ErrorCode::InvalidArgument);
+        assert_eq!(
+            map.stats().unwrap().locks_held,
+            0,
+            "released without holdLockOnFailure"
+        );
+        drop(oversize);
+        assert_eq!(map.get_record("keep").unwrap().unwrap().value, b"old");
+    }
+}

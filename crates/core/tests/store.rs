@@ -1,0 +1,359 @@
+//! The engine without Node: locks, the commit queue, the key sequence, the cache and ranges,
+//! against a real redb file.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use kvstore_core::{
+    envelope, Change, CommitOptions, Database, DatabaseOptions, ErrorCode, LockMode, MapOptions,
+    MapStore, RangeOptions,
+};
+
+fn open(dir: &tempfile::TempDir) -> (Database, MapStore) {
+    let db = Database::open(dir.path().join("t.redb"), DatabaseOptions::default()).unwrap();
+    let map = db.map_store("jobs", MapOptions::default()).unwrap();
+    (db, map)
+}
+
+fn put(map: &MapStore, key: &str, value: &[u8]) {
+    let guard = map.lock(key, LockMode::Any, None).unwrap();
+    guard.commit(envelope::encode(&[], value)).unwrap();
+}
+
+fn value(map: &MapStore, key: &str) -> Option<Vec<u8>> {
+    map.get_record(key).unwrap().map(|r| r.value)
+}
+
+#[test]
+fn create_twice_fails_and_allow_existing_returns_the_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, map) = open(&dir);
+    put(&map, "foo", b"1");
+    let err = map.lock("foo", LockMode::New, None).err().unwrap();
+    assert_eq!(err.code(), ErrorCode::EntryExists);
+    let guard = map.lock("foo", LockMode::Any, None).unwrap();
+    assert!(guard.existed());
+    assert_eq!(guard.decoded().unwrap().unwrap().value, b"1");
+    drop(guard);
+    assert_eq!(
+        map.lock("nope", LockMode::Existing, None)
+            .err()
+            .unwrap()
+            .code(),
+        ErrorCode::EntryNotFound
+    );
+    assert_eq!(map.stats().unwrap().locks_held, 0);
+    db.close();
+}
+
+#[test]
+fn update_only_keeps_the_lock_and_a_waiter_sees_the_final_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, map) = open(&dir);
+    let mut guard = map.lock("k", LockMode::New, None).unwrap();
+    guard
+        .commit_with(
+            envelope::encode(&[], b"first"),
+            CommitOptions {
+                update_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(value(&map, "k").unwrap(), b"first");
+    let (tx, rx) = mpsc::channel();
+    let waiter = {
+        let map = map.clone();
+        std::thread::spawn(move || {
+            tx.send(()).unwrap();
+            let g = map.lock("k", LockMode::Existing, None).unwrap();
+            g.decoded().unwrap().unwrap().value
+        })
+    };
+    rx.recv().unwrap();
+    // The waiter is queued (or about to be); it cannot get the lock before the final commit.
+    guard
+        .commit_with(envelope::encode(&[], b"final"), CommitOptions::default())
+        .unwrap();
+    assert_eq!(waiter.join().unwrap(), b"final");
+    let err = guard
+        .commit_with(envelope::encode(&[], b"again"), CommitOptions::default())
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::LockReleased);
+}
+
+#[test]
+fn waiter_of_a_deleted_entry_is_told_so_and_create_then_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, map) = open(&dir);
+    put(&map, "k", b"v");
+    let holder = map.lock("k", LockMode::Existing, None).unwrap();
+    let getter = {
+        let map = map.clone();
+        std::thread::spawn(move || {
+            map.lock("k", LockMode::Existing, None)
+                .err()
+                .map(|e| e.code())
+        })
+    };
+    while map.stats().unwrap().locks_waiting == 0 {
+        std::thread::yield_now();
+    }
+    holder.delete().unwrap();
+    assert_eq!(getter.join().unwrap(), Some(ErrorCode::EntryDeleted));
+    let created = map.lock("k", LockMode::New, None).unwrap();
+    assert!(!created.existed());
+    drop(created);
+    map.delete("k").unwrap();
+    map.delete("k").unwrap();
+}
+
+#[test]
+fn delete_with_update_only_is_invalid_and_keeps_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, map) = open(&dir);
+    let guard = map.lock("k", LockMode::New, None).unwrap();
+    let (tx, _rx) = mpsc::channel();
+    let err = map
+        .commit(
+            guard.key(),
+            guard.token(),
+            Change::Delete,
+            CommitOptions {
+                update_only: true,
+                ..Default::default()
+            },
+            Box::new(move |r| drop(tx.send(r))),
+        )
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+    assert_eq!(map.stats().unwrap().locks_held, 1);
+}
+
+#[test]
+fn concurrent_committers_share_transactions_and_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, map) = open(&dir);
+    for k in 0..5 {
+        put(&map, &format!("k{k}"), &0u64.to_le_bytes());
+    }
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let map = map.clone();
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    let key = format!("k{}", (t + i) % 5);
+                    let guard = map.lock(&key, LockMode::Existing, None).unwrap();
+                    let rec = guard.decoded().unwrap().unwrap();
+                    let n = u64::from_le_bytes(rec.value.try_into().unwrap()) + 1;
+                    guard
+                        .commit(envelope::encode(&[], &n.to_le_bytes()))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let total: u64 = (0..5)
+        .map(|k| u64::from_le_bytes(value(&map, &format!("k{k}")).unwrap().try_into().unwrap()))
+        .sum();
+    assert_eq!(total, 800);
+    let stats = map.stats().unwrap();
+    assert_eq!(stats.commits, 805);
+    assert!(stats.batches <= stats.commits);
+    assert_eq!(stats.locks_held + stats.locks_waiting, 0);
+}
+
+#[test]
+fn auto_keys_rise_and_never_repeat_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let db = Database::open(dir.path().join("t.redb"), DatabaseOptions::default()).unwrap();
+        let map = db
+            .map_store(
+                "auto",
+                MapOptions {
+                    bandwidth: 7,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        for _ in 0..10 {
+            let guard = map.lock_new_auto().unwrap();
+            seen.push(guard.key().to_string());
+            guard.commit(envelope::encode(&[], b"")).unwrap();
+        }
+        db.close();
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, seen, "strictly increasing across reopen");
+    assert!(seen.iter().all(|k| k.len() == 13));
+}
+
+#[test]
+fn ranges_honour_order_prefix_start_stop_reverse_and_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, map) = open(&dir);
+    let mut keys: Vec<String> = (0..100).map(|i| format!("{i:03}")).collect();
+    keys.extend((0..100).map(|i| format!("/foo/{i}")));
+    keys.extend(["/baz/0".to_string(), "/baz/2".to_string()]);
+    for k in &keys {
+        put(&map, k, k.as_bytes());
+    }
+    let walk = |opts: RangeOptions| -> Vec<String> {
+        map.range(&opts)
+            .unwrap()
+            .map(|e| e.unwrap().key().to_string())
+            .collect()
+    };
+    let all = walk(RangeOptions::default());
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(all, sorted);
+    let foo = walk(RangeOptions {
+        prefix: Some("/foo/".into()),
+        ..Default::default()
+    });
+    assert_eq!(foo.len(), 100);
+    let from = walk(RangeOptions {
+        prefix: Some("/foo/".into()),
+        start: Some("/foo/10".into()),
+        stop: Some("/foo/20".into()),
+        ..Default::default()
+    });
+    assert_eq!(from.first().unwrap(), "/foo/10");
+    assert!(!from.contains(&"/foo/20".to_string()));
+    assert_eq!(from.len(), 11); // /foo/10..=/foo/19 plus /foo/2 sorts before /foo/20
+    let baz = walk(RangeOptions {
+        start: Some("/baz/1".into()),
+        stop: Some("/baz/3".into()),
+        ..Default::default()
+    });
+    assert_eq!(baz, vec!["/baz/2"]);
+    let last = walk(RangeOptions {
+        reverse: true,
+        limit: Some(2),
+        ..Default::default()
+    });
+    assert_eq!(last, vec!["099", "098"]);
+    assert_eq!(
+        map.count(&RangeOptions {
+            prefix: Some("/baz".into()),
+            ..Default::default()
+        })
+        .unwrap(),
+        2
+    );
+    assert_eq!(map.count(&RangeOptions::default()).unwrap(), 202);
+}
+
+#[test]
+fn a_snapshot_does_not_see_later_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, map) = open(&dir);
+    put(&map, "a", b"1");
+    put(&map, "c", b"3");
+    let mut walk = map.range(&RangeOptions::default()).unwrap();
+    assert_eq!(walk.next().unwrap().unwrap().key(), "a");
+    put(&map, "b", b"2");
+    map.delete("c").unwrap();
+    let rest: Vec<String> = walk.map(|e| e.unwrap().key().to_string()).collect();
+    assert_eq!(rest, vec!["c"]);
+    assert_eq!(value(&map, "b").unwrap(), b"2");
+    assert!(value(&map, "c").is_none());
+}
+
+#[test]
+fn lock_timeout_leaves_no_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, map) = open(&dir);
+    let held = map.lock("k", LockMode::Any, None).unwrap();
+    let err = map
+        .lock("k", LockMode::Any, Some(Duration::from_millis(20)))
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), ErrorCode::LockTimeout);
+    let stats = map.stats().unwrap();
+    assert_eq!((stats.locks_held, stats.locks_waiting), (1, 0));
+    drop(held);
+    assert_eq!(map.stats().unwrap().locks_held, 0);
+}
+
+#[test]
+fn one_core_per_file_and_codec_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.redb");
+    let a = Database::open(&path, DatabaseOptions::default()).unwrap();
+    let b = Database::open(
+        dir.path().join(".").join("t.redb"),
+        DatabaseOptions::default(),
+    )
+    .unwrap();
+    let ma = a
+        .map_store(
+            "m",
+            MapOptions {
+                codec: "json".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let mb = b
+        .map_store(
+            "m",
+            MapOptions {
+                codec: "json".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    put(&ma, "x", b"1");
+    assert_eq!(value(&mb, "x").unwrap(), b"1");
+    let err = b
+        .map_store(
+            "m",
+            MapOptions {
+                codec: "msgpack".into(),
+                ..Default::default()
+            },
+        )
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), ErrorCode::CodecMismatch);
+    a.close();
+    assert_eq!(ma.get("x").unwrap_err().code(), ErrorCode::StoreClosed);
+    assert_eq!(value(&mb, "x").unwrap(), b"1");
+    b.close();
+    let c = Database::open(&path, DatabaseOptions::default()).unwrap();
+    let err = c
+        .map_store(
+            "m",
+            MapOptions {
+                codec: "msgpack".into(),
+                ..Default::default()
+            },
+        )
+        .err()
+        .unwrap();
+    assert_eq!(
+        err.code(),
+        ErrorCode::CodecMismatch,
+        "the codec name is recorded in the file"
+    );
+}
+
+#[test]
+fn garbage_file_is_corrupt_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.redb");
+    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+    let err = Database::open(&path, DatabaseOptions::default())
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), ErrorCode::DatabaseCorrupt);
+}
