@@ -1,1 +1,436 @@
+//! The Node binding: thin #[napi] wrappers over kvstore-core. No policy lives here; it converts
+//! arguments, turns core callbacks into promises, and encodes core errors for the TS layer.
 
+use std::sync::Arc;
+
+use kvstore_core::{
+    Acquire, Change, CommitOptions, Database, DatabaseOptions, EntryRange, ErrorCode, Grant,
+    KeyFormat, LockMode, LockedEntry, MapOptions, MapStore, NextKey, RangeOptions,
+};
+use napi::bindgen_prelude::*;
+use napi::{CleanupEnvHook, Env};
+use napi_derive::napi;
+
+/// Core errors cross as `Error` objects whose message starts with the stable code (and errno),
+/// e.g. `ERR_IO(28): No space left on device`; src-ts/errors.ts turns them into typed errors.
+fn js_error(err: kvstore_core::Error) -> Error {
+    let code = err.code().as_str();
+    let message = match &err {
+        kvstore_core::Error::Io {
+            errno: Some(errno), ..
+        } => format!("{code}({errno}): {err}"),
+        _ => format!("{code}: {err}"),
+    };
+    Error::new(Status::GenericFailure, message)
+}
+
+trait OrJs<T> {
+    fn or_js(self) -> Result<T>;
+}
+
+impl<T> OrJs<T> for kvstore_core::Result<T> {
+    fn or_js(self) -> Result<T> {
+        self.map_err(js_error)
+    }
+}
+
+/// Every stable error code, so the TS layer can check its table against the core's.
+#[napi]
+pub fn error_codes() -> Vec<String> {
+    ErrorCode::ALL
+        .iter()
+        .map(|c| c.as_str().to_string())
+        .collect()
+}
+
+#[napi(object)]
+pub struct NativeOpenOptions {
+    pub page_cache_bytes: Option<f64>,
+    pub durable: Option<bool>,
+}
+
+#[napi(object)]
+pub struct NativeMapOptions {
+    pub codec: String,
+    pub cache_capacity: Option<f64>,
+    pub key_width: Option<u32>,
+    pub key_base: Option<u32>,
+    pub bandwidth: Option<f64>,
+}
+
+#[napi]
+pub struct NativeDatabase {
+    db: Database,
+    cleanup: Option<CleanupEnvHook<Database>>,
+}
+
+#[napi]
+impl NativeDatabase {
+    /// Opens the file or joins the core already open in this process. The handle is closed
+    /// when this thread's environment goes away (a terminated worker), releasing its locks.
+    #[napi(factory)]
+    pub fn open(env: Env, path: String, options: NativeOpenOptions) -> Result<NativeDatabase> {
+        let defaults = DatabaseOptions::default();
+        let db = Database::open(
+            &path,
+            DatabaseOptions {
+                page_cache_bytes: options
+                    .page_cache_bytes
+                    .map_or(defaults.page_cache_bytes, |b| b as usize),
+                durable: options.durable.unwrap_or(defaults.durable),
+            },
+        )
+        .or_js()?;
+        let cleanup = env.add_env_cleanup_hook(db.clone(), |db| db.close())?;
+        Ok(NativeDatabase {
+            db,
+            cleanup: Some(cleanup),
+        })
+    }
+
+    #[napi]
+    pub fn map_store(&self, name: String, options: NativeMapOptions) -> Result<NativeMapStore> {
+        let defaults = MapOptions::default();
+        let keys = KeyFormat::new(
+            options.key_width.map_or(defaults.keys.width, |w| w as usize),
+            options.key_base.unwrap_or(defaults.keys.base),
+        )
+        .or_js()?;
+        let map = self
+            .db
+            .map_store(
+                &name,
+                MapOptions {
+                    codec: options.codec,
+                    cache_capacity: options
+                        .cache_capacity
+                        .map_or(defaults.cache_capacity, |c| c as usize),
+                    keys,
+                    bandwidth: options.bandwidth.map_or(defaults.bandwidth, |b| b as u64),
+                },
+            )
+            .or_js()?;
+        Ok(NativeMapStore { map })
+    }
+
+    #[napi(getter)]
+    pub fn path(&self) -> String {
+        self.db.path().display().to_string()
+    }
+
+    /// Waits for this handle's commits in flight, then releases its locks and waiters.
+    #[napi]
+    pub fn close(&mut self, env: Env) -> Result<()> {
+        self.db.close();
+        if let Some(hook) = self.cleanup.take() {
+            env.remove_env_cleanup_hook(hook)?;
+        }
+        Ok(())
+    }
+}
+
+#[napi(object)]
+pub struct NativeLocked {
+    pub token: i64,
+    pub existed: bool,
+    pub record: Option<Buffer>,
+}
+
+fn to_js_locked(locked: LockedEntry) -> NativeLocked {
+    NativeLocked {
+        token: locked.token as i64,
+        existed: locked.existed,
+        record: locked.record.map(|r| Buffer::from(r.to_vec())),
+    }
+}
+
+/// A grant on its way to a JS thread. If that thread is gone before it runs (a terminated
+/// worker), dropping this releases the lock so nobody waits forever.
+struct PendingGrant {
+    map: MapStore,
+    key: String,
+    grant: Option<Grant>,
+}
+
+impl PendingGrant {
+    fn finish(mut self, mode: LockMode) -> kvstore_core::Result<LockedEntry> {
+        let grant = self.grant.take().expect("finished once");
+        self.map.finish_acquire(&self.key, grant, mode)
+    }
+}
+
+impl Drop for PendingGrant {
+    fn drop(&mut self) {
+        if let Some(grant) = self.grant.take() {
+            let _ = self.map.release(&self.key, grant.token);
+        }
+    }
+}
+
+fn lock_mode(mode: u32) -> Result<LockMode> {
+    match mode {
+        0 => Ok(LockMode::Existing),
+        1 => Ok(LockMode::New),
+        2 => Ok(LockMode::Any),
+        _ => Err(js_error(kvstore_core::Error::invalid("unknown lock mode"))),
+    }
+}
+
+const COMMIT_DELETE: u32 = 1;
+const COMMIT_UPDATE_ONLY: u32 = 2;
+const COMMIT_HOLD_ON_FAILURE: u32 = 4;
+
+#[napi(object)]
+pub struct NativeRangeOptions {
+    pub prefix: Option<String>,
+    pub start: Option<String>,
+    pub stop: Option<String>,
+    pub reverse: Option<bool>,
+    pub limit: Option<f64>,
+    pub keys_only: Option<bool>,
+}
+
+fn range_options(options: &NativeRangeOptions) -> RangeOptions {
+    RangeOptions {
+        prefix: options.prefix.clone(),
+        start: options.start.clone(),
+        stop: options.stop.clone(),
+        reverse: options.reverse.unwrap_or(false),
+        limit: options.limit.filter(|l| l.is_finite()).map(|l| l as u64),
+    }
+}
+
+#[napi(object)]
+pub struct NativeStats {
+    pub entries: f64,
+    pub file_bytes: f64,
+    pub cache_hits: f64,
+    pub cache_misses: f64,
+    pub cache_entries: f64,
+    pub locks_held: f64,
+    pub locks_waiting: f64,
+    pub commits: f64,
+    pub batches: f64,
+    pub failed_batches: f64,
+    pub largest_batch: f64,
+}
+
+#[napi]
+pub struct NativeMapStore {
+    map: MapStore,
+}
+
+#[napi]
+impl NativeMapStore {
+    /// Takes `key`'s lock for `mode` (0 existing, 1 new, 2 either). Returns the locked entry at
+    /// once when the key is free; otherwise a promise, cancellable through `ticket`.
+    #[napi(ts_return_type = "NativeLocked | Promise<NativeLocked>")]
+    pub fn lock(
+        &self,
+        env: Env,
+        key: String,
+        mode: u32,
+        ticket: u32,
+    ) -> Result<Either<NativeLocked, PromiseRaw<'static, NativeLocked>>> {
+        let mode = lock_mode(mode)?;
+        let mut promise = None;
+        let acquired = self.map.acquire(&key, u64::from(ticket), || {
+            let (deferred, raw) = env
+                .create_deferred::<NativeLocked, _>()
+                .map_err(|e| kvstore_core::Error::invalid(e.to_string()))?;
+            promise = Some(PromiseRaw::new(env.raw(), raw.raw()));
+            let map = self.map.clone();
+            let key = key.clone();
+            Ok(Box::new(move |outcome: kvstore_core::Result<Grant>| match outcome {
+                Ok(grant) => {
+                    let pending = PendingGrant {
+                        map,
+                        key,
+                        grant: Some(grant),
+                    };
+                    deferred.resolve(move |_env| pending.finish(mode).map(to_js_locked).or_js())
+                }
+                Err(err) => deferred.reject(js_error(err)),
+            }))
+        });
+        match acquired.or_js()? {
+            Acquire::Granted(grant) => {
+                let locked = self.map.finish_acquire(&key, grant, mode).or_js()?;
+                Ok(Either::A(to_js_locked(locked)))
+            }
+            Acquire::Queued => Ok(Either::B(promise.expect("queued with a promise"))),
+        }
+    }
+
+    /// Gives up a queued wait; `reason` is "timeout" or "abort". False if already granted.
+    #[napi]
+    pub fn cancel_wait(&self, key: String, ticket: u32, reason: String) -> bool {
+        let reason = match reason.as_str() {
+            "abort" => kvstore_core::Error::Aborted,
+            _ => kvstore_core::Error::LockTimeout { key },
+        };
+        self.map.cancel_wait(u64::from(ticket), reason)
+    }
+
+    #[napi]
+    pub fn release(&self, key: String, token: i64) -> Result<()> {
+        self.map.release(&key, token as u64).or_js()
+    }
+
+    /// Writes `record` (or deletes, per `flags`) under the lock `token`; settles once durable.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn commit(
+        &self,
+        env: Env,
+        key: String,
+        token: i64,
+        record: Option<&[u8]>,
+        flags: u32,
+    ) -> Result<PromiseRaw<'static, ()>> {
+        let change = match record {
+            Some(bytes) if flags & COMMIT_DELETE == 0 => Change::Put(Arc::from(bytes)),
+            _ => Change::Delete,
+        };
+        let options = CommitOptions {
+            update_only: flags & COMMIT_UPDATE_ONLY != 0,
+            hold_lock_on_failure: flags & COMMIT_HOLD_ON_FAILURE != 0,
+        };
+        let (deferred, raw) = env.create_deferred::<(), _>()?;
+        self.map
+            .commit(
+                &key,
+                token as u64,
+                change,
+                options,
+                Box::new(move |outcome| match outcome {
+                    Ok(()) => deferred.resolve(|_env| Ok(())),
+                    Err(err) => deferred.reject(js_error(err)),
+                }),
+            )
+            .or_js()?;
+        Ok(PromiseRaw::new(env.raw(), raw.raw()))
+    }
+
+    /// The committed record of `key`, or null.
+    #[napi]
+    pub fn get(&self, key: String) -> Result<Option<Buffer>> {
+        Ok(self
+            .map
+            .get(&key)
+            .or_js()?
+            .map(|r| Buffer::from(r.to_vec())))
+    }
+
+    #[napi(ts_return_type = "string | Promise<string>")]
+    pub fn next_key(&self, env: Env) -> Result<Either<String, PromiseRaw<'static, String>>> {
+        let mut promise = None;
+        let next = self.map.next_key(|| {
+            match env.create_deferred::<String, _>() {
+                Ok((deferred, raw)) => {
+                    promise = Some(PromiseRaw::new(env.raw(), raw.raw()));
+                    Box::new(move |outcome: kvstore_core::Result<String>| match outcome {
+                        Ok(key) => deferred.resolve(move |_env| Ok(key)),
+                        Err(err) => deferred.reject(js_error(err)),
+                    })
+                }
+                // Without a promise there is nobody to tell; the number is simply skipped.
+                Err(_) => Box::new(|_| {}),
+            }
+        });
+        match next.or_js()? {
+            NextKey::Ready(key) => Ok(Either::A(key)),
+            NextKey::Pending => promise
+                .map(Either::B)
+                .ok_or_else(|| Error::from_reason("could not create a promise")),
+        }
+    }
+
+    #[napi]
+    pub fn range(&self, options: NativeRangeOptions) -> Result<NativeRange> {
+        let inner = self.map.range(&range_options(&options)).or_js()?;
+        Ok(NativeRange {
+            inner: Some(inner),
+            keys_only: options.keys_only.unwrap_or(false),
+        })
+    }
+
+    #[napi]
+    pub fn count(&self, options: NativeRangeOptions) -> Result<f64> {
+        Ok(self.map.count(&range_options(&options)).or_js()? as f64)
+    }
+
+    #[napi]
+    pub fn stats(&self) -> Result<NativeStats> {
+        let s = self.map.stats().or_js()?;
+        Ok(NativeStats {
+            entries: s.entries as f64,
+            file_bytes: s.file_bytes as f64,
+            cache_hits: s.cache_hits as f64,
+            cache_misses: s.cache_misses as f64,
+            cache_entries: s.cache_entries as f64,
+            locks_held: s.locks_held as f64,
+            locks_waiting: s.locks_waiting as f64,
+            commits: s.commits as f64,
+            batches: s.batches as f64,
+            failed_batches: s.failed_batches as f64,
+            largest_batch: s.largest_batch as f64,
+        })
+    }
+}
+
+/// A walk over one snapshot. Entries come out in batches packed into one buffer:
+/// `u32le keyLength, key, [u32le recordLength, record]` per entry (no record when keysOnly).
+#[napi]
+pub struct NativeRange {
+    inner: Option<EntryRange>,
+    keys_only: bool,
+}
+
+/// Bytes after which a batch is cut even if `max_items` is not reached.
+const BATCH_BYTES: usize = 1 << 20;
+
+#[napi]
+impl NativeRange {
+    /// Up to `max_items` entries, or null at the end (the snapshot is then freed).
+    #[napi]
+    pub fn next_batch(&mut self, max_items: u32) -> Result<Option<Buffer>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(16 * 1024);
+        let mut count = 0;
+        while count < max_items && out.len() < BATCH_BYTES {
+            match inner.next() {
+                Some(Ok(entry)) => {
+                    let key = entry.key().as_bytes();
+                    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+                    out.extend_from_slice(key);
+                    if !self.keys_only {
+                        let record = entry.record();
+                        out.extend_from_slice(&(record.len() as u32).to_le_bytes());
+                        out.extend_from_slice(record);
+                    }
+                    count += 1;
+                }
+                Some(Err(err)) => {
+                    self.inner = None;
+                    return Err(js_error(err));
+                }
+                None => {
+                    self.inner = None;
+                    break;
+                }
+            }
+        }
+        if count == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Buffer::from(out)))
+    }
+
+    /// Frees the snapshot now rather than at garbage collection.
+    #[napi]
+    pub fn close(&mut self) {
+        self.inner = None;
+    }
+}

@@ -1,0 +1,104 @@
+// A store file, opened once per process and shared by every handle and worker thread.
+import { checkCodec } from './codecs'
+import { native, StoreClosedError } from './errors'
+import { silentLogger, type Logger } from './logger'
+import { MapStore } from './map-store'
+import { binding, type NativeDatabase } from './native'
+import { checkDatabaseOptions, checkLogger, checkMapOptions, checkTableName, checkTimeout, type DatabaseOptions, type MapStoreOptions } from './options'
+
+export class Database {
+  readonly #native: NativeDatabase
+  readonly #options: DatabaseOptions
+  readonly #inflight = new Set<Promise<unknown>>()
+  readonly #stores = new Set<MapStore<unknown>>()
+  readonly #onClose: (() => void) | undefined
+  #closed = false
+  #ticket = 0
+
+  private constructor(handle: NativeDatabase, options: DatabaseOptions, onClose?: () => void) {
+    this.#native = handle
+    this.#options = options
+    this.#onClose = onClose
+  }
+
+  /**
+   * Opens (creating if needed) a store file. Opening a file that is already open in this
+   * process, from any thread, shares its core; another process holding it → DatabaseLockedError.
+   */
+  static async open(path: string, options: DatabaseOptions = {}): Promise<Database> {
+    return Database.openSync(path, options)
+  }
+
+  /** @internal */
+  static openSync(path: string, options: DatabaseOptions = {}, onClose?: () => void): Database {
+    if (typeof path !== 'string') throw new TypeError(`path must be a string, got ${typeof path}`)
+    const { durable, pageCacheBytes } = checkDatabaseOptions(options)
+    const handle = native(() => binding.NativeDatabase.open(path, { durable, pageCacheBytes }))
+    return new Database(handle, options, onClose)
+  }
+
+  get path(): string {
+    return this.#native.path
+  }
+
+  get closed(): boolean {
+    return this.#closed
+  }
+
+  /** A named map in this file. `T` is the type of its values. */
+  mapStore<T = unknown>(name: string, options: MapStoreOptions<T> = {}): MapStore<T> {
+    this.#checkOpen()
+    checkTableName(name)
+    const checked = checkMapOptions(options)
+    const codec = checkCodec(options.codec)
+    const handle = native(() => this.#native.mapStore(name, { codec: codec.name, ...checked }))
+    const logger: Logger = checkLogger(options.logger) ?? this.#options.logger ?? silentLogger
+    const store = MapStore.attach<T>({
+      database: this,
+      native: handle,
+      name,
+      codec,
+      logger,
+      lockTimeoutMs: checkTimeout('lockTimeoutMs', options.lockTimeoutMs) ?? this.#options.lockTimeoutMs ?? Infinity,
+    })
+    this.#stores.add(store as MapStore<unknown>)
+    return store
+  }
+
+  /** @internal A lock-wait ticket unique within this handle. */
+  nextTicket(): number {
+    this.#ticket = (this.#ticket + 1) >>> 0
+    return this.#ticket
+  }
+
+  /** @internal Commits in flight, awaited by close(). */
+  track(commit: Promise<unknown>): void {
+    this.#inflight.add(commit)
+    const forget = (): void => {
+      this.#inflight.delete(commit)
+    }
+    commit.then(forget, forget)
+  }
+
+  #checkOpen(): void {
+    if (this.#closed) throw new StoreClosedError('the store is closed')
+  }
+
+  /**
+   * Waits for commits in flight, rejects lock waiters with StoreClosedError, releases this
+   * handle's locks; the file closes when its last handle in the process closes. Idempotent.
+   */
+  async close(): Promise<void> {
+    if (this.#closed) return
+    this.#closed = true
+    for (const store of this.#stores) store.closeWalks()
+    this.#stores.clear()
+    this.#native.close()
+    await Promise.allSettled([...this.#inflight])
+    this.#onClose?.()
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close()
+  }
+}

@@ -1,0 +1,173 @@
+// A held lock on one key: the entry to edit, and commit/release. After the final commit or
+// release the handle is dead, and so is its entry: touching it throws EntryReleasedError.
+import type { Codec } from './codecs'
+import { encodeValue } from './codecs'
+import { encodeRecord, type Metadata } from './envelope'
+import { EntryReleasedError, InvalidArgumentError, KvStoreError, LockReleasedError, StoreClosedError, fromNative, native, settled } from './errors'
+import type { Logger } from './logger'
+import type { NativeMapStore } from './native'
+
+export interface CommitOptions {
+  /** Delete the entry, then release the lock. */
+  delete?: boolean
+  /** Persist and keep the lock; the holder may commit again. */
+  updateOnly?: boolean
+  /** When the write fails, keep the lock so the caller can retry. */
+  holdLockOnFailure?: boolean
+}
+
+const DELETE = 1
+const UPDATE_ONLY = 2
+const HOLD_ON_FAILURE = 4
+
+/** What the lock handle shares with the store: enough to release it after garbage collection. */
+export interface LockContext {
+  readonly native: NativeMapStore
+  readonly codec: Codec<never>
+  readonly logger: Logger
+  isClosed(): boolean
+  track(commit: Promise<unknown>): void
+}
+
+interface LockState {
+  key: string
+  token: number
+  held: boolean
+}
+
+// A handle dropped while still held would block its key forever: release it and say so.
+const abandoned = new FinalizationRegistry<{ state: LockState; context: LockContext }>(({ state, context }) => {
+  if (!state.held || context.isClosed()) return
+  state.held = false
+  try {
+    context.native.release(state.key, state.token)
+  } catch {
+    // Already gone (the store closed meanwhile); nothing to free.
+  }
+  context.logger.warn(`kvstore: the lock on '${state.key}' was garbage-collected while held; it has been released`)
+})
+
+export class Entry<T> {
+  #lock: EntryLock<T>
+  #value: T
+  #metadata: Metadata
+
+  constructor(lock: EntryLock<T>, value: T, metadata: Metadata) {
+    this.#lock = lock
+    this.#value = value
+    this.#metadata = metadata
+  }
+
+  get value(): T {
+    this.#lock.assertHeld()
+    return this.#value
+  }
+
+  set value(value: T) {
+    this.#lock.assertHeld()
+    this.#value = value
+  }
+
+  /** String metadata stored with the value. */
+  get metadata(): Metadata {
+    this.#lock.assertHeld()
+    return this.#metadata
+  }
+
+  set metadata(metadata: Metadata) {
+    this.#lock.assertHeld()
+    this.#metadata = metadata
+  }
+}
+
+export class EntryLock<T> {
+  readonly key: string
+  readonly entry: Entry<T>
+  /** True when `createAndLockEntry(..., { allowExisting: true })` found the entry already there. */
+  readonly existed: boolean
+  #state: LockState
+  #context: LockContext
+  #committing = false
+
+  constructor(context: LockContext, key: string, token: number, existed: boolean, value: T, metadata: Metadata) {
+    this.key = key
+    this.existed = existed
+    this.#context = context
+    this.#state = { key, token, held: true }
+    this.entry = new Entry(this, value, metadata)
+    abandoned.register(this, { state: this.#state, context }, this.#state)
+  }
+
+  /** Whether this handle still holds its lock. */
+  get held(): boolean {
+    return this.#state.held
+  }
+
+  assertHeld(): void {
+    if (!this.#state.held) throw new EntryReleasedError(`the entry '${this.key}' was released; take the lock again to use it`)
+  }
+
+  #die(): void {
+    if (this.#state.held) {
+      this.#state.held = false
+      abandoned.unregister(this.#state)
+    }
+  }
+
+  /** Persists the entry (or deletes it), then releases the lock unless `updateOnly`. */
+  commit = (options: CommitOptions = {}): Promise<void> => {
+    const done = this.#commit(options)
+    this.#context.track(done)
+    return done
+  }
+
+  async #commit(options: CommitOptions): Promise<void> {
+    if (!this.#state.held) throw new LockReleasedError(`the lock on '${this.key}' was already released`)
+    if (this.#context.isClosed()) {
+      this.#die()
+      throw new StoreClosedError('the store is closed')
+    }
+    if (typeof options !== 'object' || options === null) throw new InvalidArgumentError('commit options must be an object')
+    const { delete: remove = false, updateOnly = false, holdLockOnFailure = false } = options
+    if (remove && updateOnly) {
+      throw new InvalidArgumentError('commit cannot both delete and keep the lock (delete with updateOnly)')
+    }
+    if (this.#committing) throw new InvalidArgumentError(`a commit of '${this.key}' is already in flight`)
+    const flags = (remove ? DELETE : 0) | (updateOnly ? UPDATE_ONLY : 0) | (holdLockOnFailure ? HOLD_ON_FAILURE : 0)
+    this.#committing = true
+    try {
+      let record: Buffer | null = null
+      if (!remove) {
+        try {
+          const bytes = encodeValue(this.#context.codec as Codec<T>, this.key, this.entry.value)
+          record = encodeRecord(this.key, this.entry.metadata, bytes)
+        } catch (err) {
+          if (!holdLockOnFailure) this.release()
+          throw err
+        }
+      }
+      const { key, token } = this.#state
+      await settled(native(() => this.#context.native.commit(key, token, record, flags)))
+      if (!updateOnly) this.#die()
+    } catch (err) {
+      const typed = fromNative(err)
+      const gone = typed instanceof KvStoreError && (typed.code === 'ERR_LOCK_RELEASED' || typed.code === 'ERR_STORE_CLOSED')
+      if (!holdLockOnFailure || gone) this.#die()
+      throw typed
+    } finally {
+      this.#committing = false
+    }
+  }
+
+  /** Drops the lock without writing; changes to the entry are discarded. Idempotent. */
+  release = (): void => {
+    if (!this.#state.held) return
+    this.#die()
+    if (this.#context.isClosed()) return
+    try {
+      this.#context.native.release(this.#state.key, this.#state.token)
+    } catch {
+      // The store released it already (closed under us); the handle is dead either way.
+    }
+  }
+}

@@ -1,0 +1,202 @@
+// Lock-free reads over one snapshot: a lazy iterable (sync and async) fed by batches from the
+// core, one native call per batch. Items decode on first access, so one bad record does not
+// end the walk.
+import type { Codec } from './codecs'
+import { decodeValue } from './codecs'
+import { decodeRecord, type DecodedRecord, type Metadata } from './envelope'
+import { InvalidArgumentError, native } from './errors'
+import type { NativeMapStore, NativeRange } from './native'
+
+export interface RangeOptions {
+  /** Only keys that begin with this. */
+  prefix?: string
+  /** First key (inclusive). Must begin with `prefix` when both are given. */
+  start?: string
+  /** Key to stop before (exclusive). */
+  stop?: string
+  reverse?: boolean
+  limit?: number
+  /** Items carry only `key`. */
+  keysOnly?: boolean
+}
+
+export class EntryItem<T> {
+  readonly key: string
+  #record: Buffer | undefined
+  #codec: Codec<T>
+  #decoded: DecodedRecord | undefined
+  #value: { v: T } | undefined
+
+  constructor(key: string, record: Buffer | undefined, codec: Codec<T>) {
+    this.key = key
+    this.#record = record
+    this.#codec = codec
+  }
+
+  #envelope(): DecodedRecord | undefined {
+    if (this.#record === undefined) return undefined
+    this.#decoded ??= decodeRecord(this.key, this.#record)
+    return this.#decoded
+  }
+
+  /** The decoded value; throws CodecError (naming the key) if it cannot be decoded. */
+  get value(): T {
+    if (this.#value === undefined) {
+      const envelope = this.#envelope()
+      if (envelope === undefined) return undefined as T
+      this.#value = { v: decodeValue(this.#codec, this.key, envelope.value) }
+    }
+    return this.#value.v
+  }
+
+  get metadata(): Metadata {
+    return this.#envelope()?.metadata ?? {}
+  }
+
+  toJSON(): { key: string; value: T; metadata: Metadata } {
+    return { key: this.key, value: this.value, metadata: this.metadata }
+  }
+}
+
+const FIRST_BATCH = 64
+const LARGEST_BATCH = 4096
+
+function stringOption(options: RangeOptions, name: 'prefix' | 'start' | 'stop'): string | undefined {
+  const value = options[name]
+  if (value !== undefined && typeof value !== 'string') throw new TypeError(`${name} must be a string`)
+  return value
+}
+
+export function checkRangeOptions(options: RangeOptions): RangeOptions {
+  if (typeof options !== 'object' || options === null) throw new InvalidArgumentError('range options must be an object')
+  const { limit } = options
+  if (limit !== undefined && (typeof limit !== 'number' || !(limit >= 0) || (!Number.isInteger(limit) && limit !== Infinity))) {
+    throw new InvalidArgumentError(`limit must be a non-negative integer, got ${String(limit)}`)
+  }
+  return {
+    prefix: stringOption(options, 'prefix'),
+    start: stringOption(options, 'start'),
+    stop: stringOption(options, 'stop'),
+    reverse: Boolean(options.reverse),
+    limit: limit === Infinity ? undefined : limit,
+    keysOnly: Boolean(options.keysOnly),
+  }
+}
+
+export interface RangeContext<T> {
+  readonly native: NativeMapStore
+  readonly codec: Codec<T>
+  checkOpen(): void
+  /** Walks still open are closed with the store. */
+  opened(range: NativeRange): void
+  finished(range: NativeRange): void
+}
+
+/** One walk: the snapshot is taken at the first `next()` and freed at the end, on break or on dispose. */
+class EntryWalk<T> implements Iterator<EntryItem<T>> {
+  #context: RangeContext<T>
+  #options: RangeOptions
+  #range: NativeRange | undefined
+  #batch: Buffer | null = null
+  #at = 0
+  #batchSize = FIRST_BATCH
+  #done = false
+
+  constructor(context: RangeContext<T>, options: RangeOptions) {
+    this.#context = context
+    this.#options = options
+  }
+
+  #fill(): boolean {
+    if (this.#range === undefined) {
+      this.#context.checkOpen()
+      this.#range = native(() => this.#context.native.range(this.#options))
+      this.#context.opened(this.#range)
+    }
+    const range = this.#range
+    this.#batch = native(() => range.nextBatch(this.#batchSize))
+    this.#batchSize = Math.min(this.#batchSize * 4, LARGEST_BATCH)
+    this.#at = 0
+    return this.#batch !== null
+  }
+
+  next(): IteratorResult<EntryItem<T>> {
+    if (this.#done) return { done: true, value: undefined }
+    if ((this.#batch === null || this.#at >= this.#batch.length) && !this.#fill()) {
+      this.return()
+      return { done: true, value: undefined }
+    }
+    const batch = this.#batch as Buffer
+    const keyLength = batch.readUInt32LE(this.#at)
+    const keyEnd = this.#at + 4 + keyLength
+    const key = batch.toString('utf8', this.#at + 4, keyEnd)
+    let record: Buffer | undefined
+    if (this.#options.keysOnly) {
+      this.#at = keyEnd
+    } else {
+      const recordLength = batch.readUInt32LE(keyEnd)
+      record = batch.subarray(keyEnd + 4, keyEnd + 4 + recordLength)
+      this.#at = keyEnd + 4 + recordLength
+    }
+    return { done: false, value: new EntryItem(key, record, this.#context.codec) }
+  }
+
+  return(): IteratorResult<EntryItem<T>> {
+    this.#done = true
+    this.#batch = null
+    if (this.#range !== undefined) {
+      this.#range.close()
+      this.#context.finished(this.#range)
+      this.#range = undefined
+    }
+    return { done: true, value: undefined }
+  }
+}
+
+/** The result of `getEntries()`: iterate it with `for...of` or `for await...of`. */
+export class EntryRange<T> implements Iterable<EntryItem<T>>, AsyncIterable<EntryItem<T>>, Disposable {
+  #context: RangeContext<T>
+  #options: RangeOptions
+  #walks = new Set<EntryWalk<T>>()
+
+  constructor(context: RangeContext<T>, options: RangeOptions) {
+    this.#context = context
+    this.#options = options
+  }
+
+  [Symbol.iterator](): Iterator<EntryItem<T>> {
+    const walk = new EntryWalk(this.#context, this.#options)
+    this.#walks.add(walk)
+    const finish = (): IteratorResult<EntryItem<T>> => {
+      this.#walks.delete(walk)
+      return walk.return()
+    }
+    return {
+      next: () => {
+        const result = walk.next()
+        if (result.done) this.#walks.delete(walk)
+        return result
+      },
+      return: finish,
+    }
+  }
+
+  [Symbol.asyncIterator](): AsyncIterator<EntryItem<T>> {
+    const walk = this[Symbol.iterator]()
+    return {
+      next: async () => walk.next(),
+      return: async () => (walk.return as () => IteratorResult<EntryItem<T>>)(),
+    }
+  }
+
+  /** Frees every snapshot this range still holds. */
+  [Symbol.dispose](): void {
+    for (const walk of this.#walks) walk.return()
+    this.#walks.clear()
+  }
+
+  /** All items as an array (one snapshot). */
+  toArray(): EntryItem<T>[] {
+    return [...this]
+  }
+}

@@ -1,0 +1,317 @@
+// The user-facing map: per-key locks handed out as EntryLock handles, lock-free reads of
+// committed data, auto keys. All shared state lives in the Rust core, so any number of
+// handles in any number of worker threads see the same locks, cache and commits.
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import type { Codec } from './codecs'
+import { decodeValue } from './codecs'
+import { Database } from './database'
+import { EntryLock, type Entry, type LockContext } from './entry-lock'
+import { checkRangeOptions, EntryRange, type RangeContext, type RangeOptions } from './entry-range'
+import { decodeRecord, type Metadata } from './envelope'
+import { AbortError, InvalidArgumentError, native, settled, StoreClosedError } from './errors'
+import type { Logger } from './logger'
+import type { NativeLocked, NativeMapStore, NativeRange, NativeStats } from './native'
+import { checkObject, checkTimeout, type OpenOptions } from './options'
+
+export interface LockOptions {
+  /** Give up waiting after this many ms with LockTimeoutError (default: the store's lockTimeoutMs). */
+  timeoutMs?: number
+  /** Give up waiting when aborted, with AbortError. */
+  signal?: AbortSignal
+}
+
+export interface CreateOptions<T> extends LockOptions {
+  value?: T
+  metadata?: Metadata
+  /** Return the existing entry (locked, `existed: true`) instead of failing; `value` is then ignored. */
+  allowExisting?: boolean
+}
+
+export interface StoredEntry<T> {
+  key: string
+  value: T
+  metadata: Metadata
+}
+
+export interface Stats {
+  entries: number
+  fileBytes: number
+  cacheHits: number
+  cacheMisses: number
+  cacheEntries: number
+  locksHeld: number
+  locksWaiting: number
+  /** Commits written, and the write transactions (fsyncs when durable) that carried them. */
+  commits: number
+  batches: number
+  failedBatches: number
+  largestBatch: number
+  commitsPerBatch: number
+}
+
+const MODE_EXISTING = 0
+const MODE_NEW = 1
+const MODE_ANY = 2
+
+/** @internal */
+export interface MapStoreParts<T> {
+  database: Database
+  native: NativeMapStore
+  name: string
+  codec: Codec<T>
+  logger: Logger
+  lockTimeoutMs: number
+  ownsDatabase?: boolean
+}
+
+function checkKey(key: unknown): asserts key is string {
+  if (typeof key !== 'string') throw new TypeError(`a key must be a string, got ${key === null ? 'null' : typeof key}`)
+}
+
+function isPromise<T>(value: T | Promise<T>): value is Promise<T> {
+  return typeof (value as Promise<T>)?.then === 'function'
+}
+
+export class MapStore<T = unknown> {
+  readonly #parts: MapStoreParts<T>
+  readonly #walks = new Set<NativeRange>()
+  readonly #lockContext: LockContext
+  readonly #rangeContext: RangeContext<T>
+  #closed = false
+
+  private constructor(parts: MapStoreParts<T>) {
+    this.#parts = parts
+    this.#lockContext = {
+      native: parts.native,
+      codec: parts.codec as Codec<never>,
+      logger: parts.logger,
+      isClosed: () => this.closed,
+      track: (commit) => parts.database.track(commit),
+    }
+    this.#rangeContext = {
+      native: parts.native,
+      codec: parts.codec,
+      checkOpen: () => this.#checkOpen(),
+      opened: (range) => this.#walks.add(range),
+      finished: (range) => this.#walks.delete(range),
+    }
+  }
+
+  /** @internal */
+  static attach<T>(parts: MapStoreParts<T>): MapStore<T> {
+    return new MapStore(parts)
+  }
+
+  /** Opens one named map (`options.table`, default 'default') of a store file. */
+  static async open<T = unknown>(path: string, options: OpenOptions<T> = {}): Promise<MapStore<T>> {
+    return MapStore.#openSync(path, options)
+  }
+
+  static #openSync<T>(path: string, options: OpenOptions<T>, onClose?: () => void): MapStore<T> {
+    checkObject('options', options)
+    const { table = 'default', ...rest } = options
+    const database = Database.openSync(path, rest, onClose)
+    try {
+      const store = database.mapStore<T>(table, rest)
+      store.#parts.ownsDatabase = true
+      return store
+    } catch (err) {
+      void database.close()
+      throw err
+    }
+  }
+
+  /** A store in a fresh temporary directory, removed when the store closes. */
+  static async temporary<T = unknown>(options: OpenOptions<T> = {}): Promise<MapStore<T>> {
+    const dir = mkdtempSync(join(tmpdir(), 'kvstore-'))
+    try {
+      return MapStore.#openSync(join(dir, 'store.redb'), options, () => rmSync(dir, { recursive: true, force: true }))
+    } catch (err) {
+      rmSync(dir, { recursive: true, force: true })
+      throw err
+    }
+  }
+
+  get name(): string {
+    return this.#parts.name
+  }
+
+  get path(): string {
+    return this.#parts.database.path
+  }
+
+  get database(): Database {
+    return this.#parts.database
+  }
+
+  get closed(): boolean {
+    return this.#closed || this.#parts.database.closed
+  }
+
+  #checkOpen(): void {
+    if (this.closed) throw new StoreClosedError('the store is closed')
+  }
+
+  // ---- locks ----
+
+  async #lock(key: string, mode: number, options: LockOptions): Promise<NativeLocked> {
+    this.#checkOpen()
+    checkObject('options', options)
+    const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs) ?? this.#parts.lockTimeoutMs
+    const { signal } = options
+    if (signal !== undefined && !(signal instanceof AbortSignal)) throw new InvalidArgumentError('signal must be an AbortSignal')
+    if (signal?.aborted) throw new AbortError(undefined, { cause: signal.reason })
+    const ticket = this.#parts.database.nextTicket()
+    const store = this.#parts.native
+    const locked = native(() => store.lock(key, mode, ticket))
+    if (!isPromise(locked)) return locked
+    // Waiting: the core owns the queue; a timeout or abort asks it to drop this waiter, which
+    // then rejects the promise below (unless the lock was granted first).
+    const timer = Number.isFinite(timeoutMs) ? setTimeout(() => store.cancelWait(key, ticket, 'timeout'), timeoutMs) : undefined
+    const onAbort = (): void => {
+      store.cancelWait(key, ticket, 'abort')
+    }
+    signal?.addEventListener('abort', onAbort, { once: true })
+    try {
+      return await settled(locked)
+    } catch (err) {
+      if (err instanceof AbortError && signal?.aborted) throw new AbortError(undefined, { cause: signal.reason })
+      throw err
+    } finally {
+      clearTimeout(timer)
+      signal?.removeEventListener('abort', onAbort)
+    }
+  }
+
+  #handle(key: string, locked: NativeLocked, fresh?: { value?: T; metadata?: Metadata }): EntryLock<T> {
+    let value: T
+    let metadata: Metadata
+    if (locked.record) {
+      try {
+        const envelope = decodeRecord(key, locked.record)
+        value = decodeValue(this.#parts.codec, key, envelope.value)
+        metadata = envelope.metadata
+      } catch (err) {
+        native(() => this.#parts.native.release(key, locked.token))
+        throw err
+      }
+    } else {
+      value = fresh?.value as T
+      metadata = { ...fresh?.metadata }
+    }
+    return new EntryLock(this.#lockContext, key, locked.token, locked.existed, value, metadata)
+  }
+
+  /**
+   * Creates `key` (or a fresh auto key when `key` is undefined) and returns it locked. Fails with
+   * EntryAlreadyExistsError if it exists, unless `allowExisting`. Waits if the key is locked.
+   */
+  async createAndLockEntry(key: string | undefined, options: CreateOptions<T> = {}): Promise<EntryLock<T>> {
+    checkObject('options', options)
+    if (key === undefined) key = await this.generateNextKey()
+    checkKey(key)
+    if (options.metadata !== undefined && (typeof options.metadata !== 'object' || options.metadata === null)) {
+      throw new InvalidArgumentError('metadata must be an object of strings')
+    }
+    const locked = await this.#lock(key, options.allowExisting ? MODE_ANY : MODE_NEW, options)
+    return this.#handle(key, locked, options)
+  }
+
+  /** Waits for `key`'s lock and returns the entry locked. EntryNotFoundError if absent. */
+  async getAndLockEntry(key: string, options: LockOptions = {}): Promise<EntryLock<T>> {
+    checkKey(key)
+    const locked = await this.#lock(key, MODE_EXISTING, options)
+    return this.#handle(key, locked)
+  }
+
+  /** Locks `key`, runs `update` on its entry, commits. If `update` throws, releases and rethrows. */
+  async updateEntry<R>(key: string, update: (entry: Entry<T>) => R | Promise<R>, options: LockOptions = {}): Promise<R> {
+    if (typeof update !== 'function') throw new InvalidArgumentError('update must be a function')
+    const lock = await this.getAndLockEntry(key, options)
+    let result: R
+    try {
+      result = await update(lock.entry)
+    } catch (err) {
+      lock.release()
+      throw err
+    }
+    await lock.commit()
+    return result
+  }
+
+  /** The next auto key: strictly increasing, never repeated, zero-padded so byte order is creation order. */
+  async generateNextKey(): Promise<string> {
+    this.#checkOpen()
+    const next = native(() => this.#parts.native.nextKey())
+    return isPromise(next) ? settled(next) : next
+  }
+
+  /** Waits for `key`'s lock and deletes the entry. Idempotent; true if there was one. */
+  async deleteEntry(key: string, options: LockOptions = {}): Promise<boolean> {
+    checkKey(key)
+    const locked = await this.#lock(key, MODE_ANY, options)
+    const lock = new EntryLock(this.#lockContext, key, locked.token, locked.existed, undefined as T, {})
+    if (!locked.existed) {
+      lock.release()
+      return false
+    }
+    await lock.commit({ delete: true })
+    return true
+  }
+
+  // ---- reads ----
+
+  /** The last committed entry, or undefined. Never waits for a lock. */
+  getEntry(key: string): StoredEntry<T> | undefined {
+    checkKey(key)
+    this.#checkOpen()
+    const record = native(() => this.#parts.native.get(key))
+    if (record === null) return undefined
+    const envelope = decodeRecord(key, record)
+    return { key, value: decodeValue(this.#parts.codec, key, envelope.value), metadata: envelope.metadata }
+  }
+
+  /** A walk over one snapshot of committed entries, in byte-wise key order. */
+  getEntries(options: RangeOptions = {}): EntryRange<T> {
+    this.#checkOpen()
+    return new EntryRange(this.#rangeContext, checkRangeOptions(options))
+  }
+
+  /** How many committed entries match. */
+  count(options: RangeOptions = {}): number {
+    this.#checkOpen()
+    const checked = checkRangeOptions(options)
+    return native(() => this.#parts.native.count(checked))
+  }
+
+  stats(): Stats {
+    this.#checkOpen()
+    const s: NativeStats = native(() => this.#parts.native.stats())
+    return { ...s, commitsPerBatch: s.batches === 0 ? 0 : s.commits / s.batches }
+  }
+
+  // ---- closing ----
+
+  /** @internal Frees every snapshot still open. */
+  closeWalks(): void {
+    for (const range of this.#walks) range.close()
+    this.#walks.clear()
+  }
+
+  /**
+   * Closes this map. A store from MapStore.open/temporary closes its file handle (see
+   * Database.close); a map from db.mapStore() only stops this view.
+   */
+  async close(): Promise<void> {
+    if (this.#closed) return
+    this.#closed = true
+    this.closeWalks()
+    if (this.#parts.ownsDatabase) await this.#parts.database.close()
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close()
+  }
+}

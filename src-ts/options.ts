@@ -1,0 +1,102 @@
+// Option shapes and their checks: bad values are InvalidArgumentError before anything opens.
+import type { Codec } from './codecs'
+import { InvalidArgumentError } from './errors'
+import type { Logger } from './logger'
+
+export type Durability = 'immediate' | 'none'
+
+export interface DatabaseOptions {
+  /** 'immediate' (default): fsync before commit() resolves. 'none': no fsync; flushed on close. */
+  durability?: Durability
+  /** redb's page cache for this file, in bytes (default 64 MiB). */
+  pageCacheBytes?: number
+  /** Default wait for a held lock, in ms (default Infinity). */
+  lockTimeoutMs?: number
+  /** Receives warnings such as a lock handle collected while held. Silent by default. */
+  logger?: Logger
+}
+
+export interface KeyOptions {
+  /** Digits of an auto key (default 13). */
+  width?: number
+  /** 10 or 36 (default 36). */
+  base?: 10 | 36
+  /** Numbers leased from the file per write (default 1000). */
+  bandwidth?: number
+}
+
+export interface MapStoreOptions<T> {
+  /** Default codecs.msgpack. Its name is recorded with the table. */
+  codec?: Codec<T>
+  /** Entries held by the core's cache (default 10 000; 0 disables). */
+  cacheCapacity?: number
+  keys?: KeyOptions
+  lockTimeoutMs?: number
+  logger?: Logger
+}
+
+export interface OpenOptions<T> extends DatabaseOptions, MapStoreOptions<T> {
+  /** The named map inside the file (default 'default'). */
+  table?: string
+}
+
+function invalid(name: string, value: unknown, expected: string): never {
+  throw new InvalidArgumentError(`${name} must be ${expected}, got ${typeof value === 'string' ? `'${value}'` : String(value)}`)
+}
+
+function integer(name: string, value: unknown, min: number, max = Number.MAX_SAFE_INTEGER): number | undefined {
+  if (value === undefined) return undefined
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) {
+    invalid(name, value, `an integer from ${min} to ${max}`)
+  }
+  return value
+}
+
+export function checkObject(name: string, value: unknown): void {
+  if (value !== undefined && (typeof value !== 'object' || value === null)) invalid(name, value, 'an object')
+}
+
+export function checkTimeout(name: string, value: unknown): number | undefined {
+  if (value === undefined) return undefined
+  if (typeof value !== 'number' || Number.isNaN(value) || value < 0) invalid(name, value, 'a number of ms ≥ 0 or Infinity')
+  return value
+}
+
+export function checkLogger(value: unknown): Logger | undefined {
+  if (value === undefined) return undefined
+  const logger = value as Logger
+  if (typeof value !== 'object' || value === null || typeof logger.warn !== 'function') {
+    invalid('logger', value, 'an object with debug, info, warn and error methods')
+  }
+  return logger
+}
+
+export function checkDatabaseOptions(options: DatabaseOptions): { durable: boolean; pageCacheBytes?: number } {
+  checkObject('options', options)
+  const { durability = 'immediate' } = options
+  if (durability !== 'immediate' && durability !== 'none') invalid('durability', durability, "'immediate' or 'none'")
+  checkTimeout('lockTimeoutMs', options.lockTimeoutMs)
+  checkLogger(options.logger)
+  return { durable: durability === 'immediate', pageCacheBytes: integer('pageCacheBytes', options.pageCacheBytes, 1 << 20) }
+}
+
+export function checkTableName(name: unknown): string {
+  if (typeof name !== 'string') throw new TypeError(`a table name must be a string, got ${typeof name}`)
+  if (name.length === 0 || Buffer.byteLength(name) > 255) invalid('table', name, 'a name of 1 to 255 bytes')
+  return name
+}
+
+export function checkMapOptions<T>(options: MapStoreOptions<T>): { cacheCapacity?: number; keyWidth?: number; keyBase?: number; bandwidth?: number } {
+  checkObject('options', options)
+  checkObject('keys', options.keys)
+  checkTimeout('lockTimeoutMs', options.lockTimeoutMs)
+  checkLogger(options.logger)
+  const keys = options.keys ?? {}
+  if (keys.base !== undefined && keys.base !== 10 && keys.base !== 36) invalid('keys.base', keys.base, '10 or 36')
+  return {
+    cacheCapacity: integer('cacheCapacity', options.cacheCapacity, 0),
+    keyWidth: integer('keys.width', keys.width, 1, 64),
+    keyBase: keys.base,
+    bandwidth: integer('keys.bandwidth', keys.bandwidth, 1),
+  }
+}
