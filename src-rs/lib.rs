@@ -92,7 +92,9 @@ impl NativeDatabase {
     pub fn map_store(&self, name: String, options: NativeMapOptions) -> Result<NativeMapStore> {
         let defaults = MapOptions::default();
         let keys = KeyFormat::new(
-            options.key_width.map_or(defaults.keys.width, |w| w as usize),
+            options
+                .key_width
+                .map_or(defaults.keys.width, |w| w as usize),
             options.key_base.unwrap_or(defaults.keys.base),
         )
         .or_js()?;
@@ -241,17 +243,19 @@ impl NativeMapStore {
             promise = Some(PromiseRaw::new(env.raw(), raw.raw()));
             let map = self.map.clone();
             let key = key.clone();
-            Ok(Box::new(move |outcome: kvstore_core::Result<Grant>| match outcome {
-                Ok(grant) => {
-                    let pending = PendingGrant {
-                        map,
-                        key,
-                        grant: Some(grant),
-                    };
-                    deferred.resolve(move |_env| pending.finish(mode).map(to_js_locked).or_js())
-                }
-                Err(err) => deferred.reject(js_error(err)),
-            }))
+            Ok(Box::new(
+                move |outcome: kvstore_core::Result<Grant>| match outcome {
+                    Ok(grant) => {
+                        let pending = PendingGrant {
+                            map,
+                            key,
+                            grant: Some(grant),
+                        };
+                        deferred.resolve(move |_env| pending.finish(mode).map(to_js_locked).or_js())
+                    }
+                    Err(err) => deferred.reject(js_error(err)),
+                },
+            ))
         });
         match acquired.or_js()? {
             Acquire::Granted(grant) => {

@@ -49,6 +49,8 @@ export interface Stats {
   failedBatches: number
   largestBatch: number
   commitsPerBatch: number
+  /** Walks of this handle whose snapshot is still open. */
+  openSnapshots: number
 }
 
 const MODE_EXISTING = 0
@@ -289,7 +291,7 @@ export class MapStore<T = unknown> {
   stats(): Stats {
     this.#checkOpen()
     const s: NativeStats = native(() => this.#parts.native.stats())
-    return { ...s, commitsPerBatch: s.batches === 0 ? 0 : s.commits / s.batches }
+    return { ...s, commitsPerBatch: s.batches === 0 ? 0 : s.commits / s.batches, openSnapshots: this.#walks.size }
   }
 
   // ---- closing ----

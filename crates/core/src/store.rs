@@ -313,12 +313,14 @@ fn check_format(db: &redb::Database, path: &str) -> Result<()> {
             .map(|g| decode_u64(g.value()));
         match stored {
             Some(FORMAT_VERSION) => {}
-            Some(other) => return Err(Error::DatabaseCorrupt {
-                path: path.to_string(),
-                detail: format!(
+            Some(other) => {
+                return Err(Error::DatabaseCorrupt {
+                    path: path.to_string(),
+                    detail: format!(
                     "kvstore format {other} is not supported (this build reads {FORMAT_VERSION})"
                 ),
-            }),
+                })
+            }
             None => {
                 meta.insert(FORMAT_KEY, FORMAT_VERSION.to_le_bytes().as_slice())
                     .map_err(|e| err(e.into()))?;

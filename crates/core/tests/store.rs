@@ -357,3 +357,38 @@ fn garbage_file_is_corrupt_not_a_panic() {
         .unwrap();
     assert_eq!(err.code(), ErrorCode::DatabaseCorrupt);
 }
+
+/// The same vectors are checked by __test__/envelope.spec.mjs against the TypeScript encoder.
+#[test]
+fn envelope_matches_the_shared_vectors() {
+    let text = include_str!("vectors/envelope.json");
+    let vectors: Vec<serde_json::Value> = serde_json::from_str(text).unwrap();
+    assert!(vectors.len() >= 5);
+    for v in vectors {
+        let name = v["name"].as_str().unwrap();
+        let metadata: Vec<(String, String)> = v["metadata"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p[0].as_str().unwrap().to_string(),
+                    p[1].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let value = hex(v["value"].as_str().unwrap());
+        let record = hex(v["record"].as_str().unwrap());
+        assert_eq!(envelope::encode(&metadata, &value), record, "{name}");
+        let decoded = envelope::decode(&record).unwrap();
+        assert_eq!(decoded.metadata, metadata, "{name}");
+        assert_eq!(decoded.value, value, "{name}");
+    }
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
