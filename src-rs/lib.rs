@@ -11,9 +11,12 @@ use napi::bindgen_prelude::*;
 use napi::{CleanupEnvHook, Env};
 use napi_derive::napi;
 
+mod mailbox;
+use mailbox::{Mailbox, PendingGrant, Settlement};
+
 /// Core errors cross as `Error` objects whose message starts with the stable code (and errno),
 /// e.g. `ERR_IO(28): No space left on device`; src-ts/errors.ts turns them into typed errors.
-fn js_error(err: kvstore_core::Error) -> Error {
+pub(crate) fn js_error(err: kvstore_core::Error) -> Error {
     let code = err.code().as_str();
     let message = match &err {
         kvstore_core::Error::Io {
@@ -61,6 +64,7 @@ pub struct NativeMapOptions {
 #[napi]
 pub struct NativeDatabase {
     db: Database,
+    mailbox: Arc<Mailbox>,
     cleanup: Option<CleanupEnvHook<Database>>,
 }
 
@@ -81,9 +85,11 @@ impl NativeDatabase {
             },
         )
         .or_js()?;
+        let mailbox = Mailbox::new(&env)?;
         let cleanup = env.add_env_cleanup_hook(db.clone(), |db| db.close())?;
         Ok(NativeDatabase {
             db,
+            mailbox,
             cleanup: Some(cleanup),
         })
     }
@@ -112,7 +118,10 @@ impl NativeDatabase {
                 },
             )
             .or_js()?;
-        Ok(NativeMapStore { map })
+        Ok(NativeMapStore {
+            map,
+            mailbox: self.mailbox.clone(),
+        })
     }
 
     #[napi(getter)]
@@ -124,6 +133,7 @@ impl NativeDatabase {
     #[napi]
     pub fn close(&mut self, env: Env) -> Result<()> {
         self.db.close();
+        self.mailbox.close(&env);
         if let Some(hook) = self.cleanup.take() {
             env.remove_env_cleanup_hook(hook)?;
         }
@@ -138,34 +148,11 @@ pub struct NativeLocked {
     pub record: Option<Buffer>,
 }
 
-fn to_js_locked(locked: LockedEntry) -> NativeLocked {
+pub(crate) fn to_js_locked(locked: LockedEntry) -> NativeLocked {
     NativeLocked {
         token: locked.token as i64,
         existed: locked.existed,
         record: locked.record.map(|r| Buffer::from(r.to_vec())),
-    }
-}
-
-/// A grant on its way to a JS thread. If that thread is gone before it runs (a terminated
-/// worker), dropping this releases the lock so nobody waits forever.
-struct PendingGrant {
-    map: MapStore,
-    key: String,
-    grant: Option<Grant>,
-}
-
-impl PendingGrant {
-    fn finish(mut self, mode: LockMode) -> kvstore_core::Result<LockedEntry> {
-        let grant = self.grant.take().expect("finished once");
-        self.map.finish_acquire(&self.key, grant, mode)
-    }
-}
-
-impl Drop for PendingGrant {
-    fn drop(&mut self) {
-        if let Some(grant) = self.grant.take() {
-            let _ = self.map.release(&self.key, grant.token);
-        }
     }
 }
 
@@ -220,6 +207,7 @@ pub struct NativeStats {
 #[napi]
 pub struct NativeMapStore {
     map: MapStore,
+    mailbox: Arc<Mailbox>,
 }
 
 #[napi]
@@ -237,25 +225,28 @@ impl NativeMapStore {
         let mode = lock_mode(mode)?;
         let mut promise = None;
         let acquired = self.map.acquire(&key, u64::from(ticket), || {
-            let (deferred, raw) = env
-                .create_deferred::<NativeLocked, _>()
+            let (deferred, raw) = self
+                .mailbox
+                .promise(&env)
                 .map_err(|e| kvstore_core::Error::invalid(e.to_string()))?;
-            promise = Some(PromiseRaw::new(env.raw(), raw.raw()));
+            promise = Some(PromiseRaw::new(env.raw(), raw));
             let map = self.map.clone();
             let key = key.clone();
-            Ok(Box::new(
-                move |outcome: kvstore_core::Result<Grant>| match outcome {
-                    Ok(grant) => {
-                        let pending = PendingGrant {
+            let mailbox = self.mailbox.clone();
+            Ok(Box::new(move |outcome: kvstore_core::Result<Grant>| {
+                mailbox.post(match outcome {
+                    Ok(grant) => Settlement::Granted(
+                        deferred,
+                        PendingGrant {
                             map,
                             key,
                             grant: Some(grant),
-                        };
-                        deferred.resolve(move |_env| pending.finish(mode).map(to_js_locked).or_js())
-                    }
-                    Err(err) => deferred.reject(js_error(err)),
-                },
-            ))
+                        },
+                        mode,
+                    ),
+                    Err(err) => Settlement::NotGranted(deferred, err),
+                })
+            }))
         });
         match acquired.or_js()? {
             Acquire::Granted(grant) => {
@@ -299,20 +290,28 @@ impl NativeMapStore {
             update_only: flags & COMMIT_UPDATE_ONLY != 0,
             hold_lock_on_failure: flags & COMMIT_HOLD_ON_FAILURE != 0,
         };
-        let (deferred, raw) = env.create_deferred::<(), _>()?;
-        self.map
-            .commit(
-                &key,
-                token as u64,
-                change,
-                options,
-                Box::new(move |outcome| match outcome {
-                    Ok(()) => deferred.resolve(|_env| Ok(())),
-                    Err(err) => deferred.reject(js_error(err)),
-                }),
-            )
-            .or_js()?;
-        Ok(PromiseRaw::new(env.raw(), raw.raw()))
+        // A commit refused before queueing (released lock, bad options) rejects the same way.
+        let mailbox = self.mailbox.clone();
+        let (deferred, raw) = self.mailbox.promise(&env)?;
+        let slot = Arc::new(std::sync::Mutex::new(Some(deferred)));
+        let taken = slot.clone();
+        let queued = self.map.commit(
+            &key,
+            token as u64,
+            change,
+            options,
+            Box::new(move |outcome| {
+                if let Some(deferred) = taken.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    mailbox.post(Settlement::Committed(deferred, outcome));
+                }
+            }),
+        );
+        if let Err(err) = queued {
+            if let Some(deferred) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                self.mailbox.post(Settlement::Committed(deferred, Err(err)));
+            }
+        }
+        Ok(PromiseRaw::new(env.raw(), raw))
     }
 
     /// The committed record of `key`, or null.
@@ -328,19 +327,24 @@ impl NativeMapStore {
     #[napi(ts_return_type = "string | Promise<string>")]
     pub fn next_key(&self, env: Env) -> Result<Either<String, PromiseRaw<'static, String>>> {
         let mut promise = None;
-        let next = self.map.next_key(|| {
-            match env.create_deferred::<String, _>() {
-                Ok((deferred, raw)) => {
-                    promise = Some(PromiseRaw::new(env.raw(), raw.raw()));
-                    Box::new(move |outcome: kvstore_core::Result<String>| match outcome {
-                        Ok(key) => deferred.resolve(move |_env| Ok(key)),
-                        Err(err) => deferred.reject(js_error(err)),
-                    })
-                }
+        let mut failure = None;
+        let next = self.map.next_key(|| match self.mailbox.promise(&env) {
+            Ok((deferred, raw)) => {
+                promise = Some(PromiseRaw::new(env.raw(), raw));
+                let mailbox = self.mailbox.clone();
+                Box::new(move |outcome: kvstore_core::Result<String>| {
+                    mailbox.post(Settlement::Key(deferred, outcome))
+                })
+            }
+            Err(err) => {
+                failure = Some(err);
                 // Without a promise there is nobody to tell; the number is simply skipped.
-                Err(_) => Box::new(|_| {}),
+                Box::new(|_| {})
             }
         });
+        if let Some(err) = failure {
+            return Err(err);
+        }
         match next.or_js()? {
             NextKey::Ready(key) => Ok(Either::A(key)),
             NextKey::Pending => promise

@@ -1,0 +1,270 @@
+//! Settles promises of one JS thread in bulk. Core callbacks (commit done, lock granted, key
+//! leased) arrive on the writer thread or wherever a lock is handed on; each is posted here, and
+//! only the post into an empty mailbox wakes the JS thread. One wake-up then settles everything
+//! queued, so a batch of commits costs one thread-safe call, not one per promise.
+
+use std::ffi::c_void;
+use std::ptr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use kvstore_core::{Grant, LockMode, LockedEntry, MapStore};
+use napi::bindgen_prelude::{JsError, ToNapiValue};
+use napi::{sys, Env, Error, Result, Status};
+
+use crate::{js_error, to_js_locked};
+
+/// A promise's resolver; resolved only on the JS thread that made it.
+pub struct Deferred(sys::napi_deferred);
+
+// SAFETY: the handle is only moved across threads; it is used on its own JS thread (in `drain`).
+unsafe impl Send for Deferred {}
+
+/// A grant on its way to a JS thread. If it is dropped instead of delivered (the thread is gone,
+/// a terminated worker), the lock is released so nobody waits forever.
+pub struct PendingGrant {
+    pub map: MapStore,
+    pub key: String,
+    pub grant: Option<Grant>,
+}
+
+impl PendingGrant {
+    fn finish(mut self, mode: LockMode) -> kvstore_core::Result<LockedEntry> {
+        let grant = self.grant.take().expect("finished once");
+        self.map.finish_acquire(&self.key, grant, mode)
+    }
+}
+
+impl Drop for PendingGrant {
+    fn drop(&mut self) {
+        if let Some(grant) = self.grant.take() {
+            let _ = self.map.release(&self.key, grant.token);
+        }
+    }
+}
+
+pub enum Settlement {
+    Committed(Deferred, kvstore_core::Result<()>),
+    Granted(Deferred, PendingGrant, LockMode),
+    NotGranted(Deferred, kvstore_core::Error),
+    Key(Deferred, kvstore_core::Result<String>),
+}
+
+#[derive(Default)]
+struct Queue {
+    items: Vec<Settlement>,
+    closed: bool,
+}
+
+struct Tsfn(sys::napi_threadsafe_function);
+
+// SAFETY: thread-safe functions are made to be called from any thread.
+unsafe impl Send for Tsfn {}
+unsafe impl Sync for Tsfn {}
+
+pub struct Mailbox {
+    queue: Mutex<Queue>,
+    tsfn: OnceLock<Tsfn>,
+    /// Promises made and not yet settled; touched on the JS thread only. While non-zero the
+    /// mailbox keeps the event loop alive.
+    pending: AtomicU32,
+}
+
+impl Mailbox {
+    pub fn new(env: &Env) -> Result<Arc<Mailbox>> {
+        let mailbox = Arc::new(Mailbox {
+            queue: Mutex::new(Queue::default()),
+            tsfn: OnceLock::new(),
+            pending: AtomicU32::new(0),
+        });
+        let context = Arc::into_raw(mailbox.clone()) as *mut c_void;
+        let mut tsfn = ptr::null_mut();
+        // SAFETY: creating a string on the current JS thread.
+        let name = unsafe { String::to_napi_value(env.raw(), "kvstore".to_string())? };
+        // SAFETY: plain N-API calls on the current JS thread with valid arguments; `context`
+        // is a leaked Arc reclaimed in `finalize`.
+        let status = unsafe {
+            sys::napi_create_threadsafe_function(
+                env.raw(),
+                ptr::null_mut(),
+                ptr::null_mut(),
+                name,
+                0,
+                1,
+                context,
+                Some(finalize),
+                context,
+                Some(call_js),
+                &mut tsfn,
+            )
+        };
+        if status != sys::Status::napi_ok {
+            // SAFETY: the tsfn was not created, so `finalize` will never reclaim the Arc.
+            drop(unsafe { Arc::from_raw(context as *const Mailbox) });
+            return Err(Error::new(
+                Status::GenericFailure,
+                "could not create a thread-safe function",
+            ));
+        }
+        // SAFETY: `tsfn` was just created on this thread.
+        unsafe { sys::napi_unref_threadsafe_function(env.raw(), tsfn) };
+        let _ = mailbox.tsfn.set(Tsfn(tsfn));
+        Ok(mailbox)
+    }
+
+    fn tsfn(&self) -> sys::napi_threadsafe_function {
+        self.tsfn.get().map_or(ptr::null_mut(), |t| t.0)
+    }
+
+    /// JS thread: a new promise to be settled through this mailbox.
+    pub fn promise(&self, env: &Env) -> Result<(Deferred, sys::napi_value)> {
+        let mut deferred = ptr::null_mut();
+        let mut promise = ptr::null_mut();
+        // SAFETY: N-API call on the current JS thread.
+        let status = unsafe { sys::napi_create_promise(env.raw(), &mut deferred, &mut promise) };
+        if status != sys::Status::napi_ok {
+            return Err(Error::new(
+                Status::GenericFailure,
+                "could not create a promise",
+            ));
+        }
+        if self.pending.fetch_add(1, Ordering::Relaxed) == 0 {
+            // SAFETY: JS thread; keeps the loop alive while a promise is outstanding.
+            unsafe { sys::napi_ref_threadsafe_function(env.raw(), self.tsfn()) };
+        }
+        Ok((Deferred(deferred), promise))
+    }
+
+    /// Any thread: queue a settlement; wake the JS thread if it is not already due to drain.
+    pub fn post(&self, settlement: Settlement) {
+        let ring = {
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if queue.closed {
+                None
+            } else {
+                let ring = queue.items.is_empty();
+                queue.items.push(settlement);
+                Some(ring)
+            }
+        };
+        match ring {
+            // Dropped outside the lock: a PendingGrant releases its lock on drop.
+            None => {}
+            Some(false) => {}
+            Some(true) => {
+                // SAFETY: calling a live thread-safe function from any thread.
+                let status = unsafe {
+                    sys::napi_call_threadsafe_function(
+                        self.tsfn(),
+                        ptr::null_mut(),
+                        sys::ThreadsafeFunctionCallMode::nonblocking,
+                    )
+                };
+                if status != sys::Status::napi_ok {
+                    self.abandon();
+                }
+            }
+        }
+    }
+
+    /// The JS thread is gone: nothing more will be delivered; queued grants are released.
+    fn abandon(&self) {
+        let items = {
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            queue.closed = true;
+            std::mem::take(&mut queue.items)
+        };
+        drop(items);
+    }
+
+    /// JS thread: settle everything queued.
+    pub fn drain(&self, env: sys::napi_env) {
+        let items = {
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::take(&mut queue.items)
+        };
+        if items.is_empty() {
+            return;
+        }
+        let settled = items.len() as u32;
+        for item in items {
+            // SAFETY: `env` is the JS thread that made each deferred.
+            unsafe { settle(env, item) };
+        }
+        if self.pending.fetch_sub(settled, Ordering::Relaxed) == settled {
+            // SAFETY: JS thread; nothing outstanding, let the loop exit.
+            unsafe { sys::napi_unref_threadsafe_function(env, self.tsfn()) };
+        }
+    }
+
+    /// JS thread, at close: deliver what is queued now, then stop.
+    pub fn close(&self, env: &Env) {
+        self.drain(env.raw());
+        let tsfn = self.tsfn();
+        let already = {
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut queue.closed, true)
+        };
+        if !already && !tsfn.is_null() {
+            // SAFETY: releases the one thread count taken at creation; `finalize` runs later.
+            unsafe {
+                sys::napi_release_threadsafe_function(
+                    tsfn,
+                    sys::ThreadsafeFunctionReleaseMode::release,
+                )
+            };
+        }
+    }
+}
+
+unsafe fn settle(env: sys::napi_env, item: Settlement) {
+    let (deferred, outcome): (Deferred, Result<sys::napi_value>) = match item {
+        Settlement::Committed(d, outcome) => (
+            d,
+            outcome
+                .map_err(js_error)
+                .and_then(|()| <()>::to_napi_value(env, ())),
+        ),
+        Settlement::Granted(d, grant, mode) => (
+            d,
+            grant
+                .finish(mode)
+                .map_err(js_error)
+                .and_then(|locked| ToNapiValue::to_napi_value(env, to_js_locked(locked))),
+        ),
+        Settlement::NotGranted(d, err) => (d, Err(js_error(err))),
+        Settlement::Key(d, outcome) => (
+            d,
+            outcome
+                .map_err(js_error)
+                .and_then(|key| String::to_napi_value(env, key)),
+        ),
+    };
+    match outcome {
+        Ok(value) => {
+            sys::napi_resolve_deferred(env, deferred.0, value);
+        }
+        Err(err) => {
+            let value = JsError::from(err).into_value(env);
+            sys::napi_reject_deferred(env, deferred.0, value);
+        }
+    }
+}
+
+unsafe extern "C" fn call_js(
+    env: sys::napi_env,
+    _js_callback: sys::napi_value,
+    context: *mut c_void,
+    _data: *mut c_void,
+) {
+    if env.is_null() || context.is_null() {
+        return;
+    }
+    let mailbox = &*(context as *const Mailbox);
+    mailbox.drain(env);
+}
+
+unsafe extern "C" fn finalize(_env: sys::napi_env, data: *mut c_void, _hint: *mut c_void) {
+    let mailbox = Arc::from_raw(data as *const Mailbox);
+    mailbox.abandon();
+}
