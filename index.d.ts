@@ -32,8 +32,13 @@ export declare class NativeMapStore {
   release(key: string, token: number): void
   /** Writes `record` (or deletes, per `flags`) under the lock `token`; settles once durable. */
   commit(key: string, token: number, record: Uint8Array | undefined | null, flags: number): Promise<void>
-  /** The committed record of `key`, or null. */
-  get(key: string): Buffer | null
+  /**
+   * Copies the committed record of `key` into `out` and returns its length, or -1 when there
+   * is no such entry. A record longer than `out` is not copied: the caller grows `out` to the
+   * returned length and asks again. Reusing one buffer spares a buffer allocation per read,
+   * which costs more than the lookup itself.
+   */
+  getInto(key: string, out: Buffer): number
   nextKey(): string | Promise<string>
   range(options: NativeRangeOptions): NativeRange
   count(options: NativeRangeOptions): number

@@ -7,11 +7,13 @@ import { CodecError, InvalidArgumentError } from './errors'
 export interface Codec<T = unknown> {
   readonly name: string
   encode(value: T): Uint8Array
+  /** `bytes` is only valid during the call: copy it if the value keeps a view of it. */
   decode(bytes: Buffer): T
 }
 
 // Standard MessagePack (no msgpackr record extension), so rmp-serde and other readers agree.
-const packr = new Packr({ useRecords: false, moreTypes: false, encodeUndefinedAsNil: true })
+// copyBuffers: decoded binary values must not be views into a reused read buffer.
+const packr = new Packr({ useRecords: false, moreTypes: false, encodeUndefinedAsNil: true, copyBuffers: true })
 
 const msgpack: Codec<unknown> = {
   name: 'msgpack',
@@ -41,7 +43,8 @@ const raw: Codec<Uint8Array> = {
     if (!(value instanceof Uint8Array)) throw new TypeError('the raw codec stores only Buffer or Uint8Array values')
     return value
   },
-  decode: (bytes) => bytes,
+  // A copy: the bytes handed to decode may be a view into a buffer that is reused.
+  decode: (bytes) => Buffer.from(bytes),
 }
 
 export const codecs = { msgpack, json, v8, raw } as const

@@ -79,6 +79,8 @@ function isPromise<T>(value: T | Promise<T>): value is Promise<T> {
 export class MapStore<T = unknown> {
   readonly #parts: MapStoreParts<T>
   readonly #walks = new Set<NativeRange>()
+  /** Reused for every getEntry: the native side copies the record here (see getInto). */
+  #readBuffer = Buffer.allocUnsafeSlow(16 * 1024)
   readonly #lockContext: LockContext
   readonly #rangeContext: RangeContext<T>
   #closed = false
@@ -269,9 +271,15 @@ export class MapStore<T = unknown> {
   getEntry(key: string): StoredEntry<T> | undefined {
     checkKey(key)
     this.#checkOpen()
-    const record = native(() => this.#parts.native.get(key))
-    if (record === null) return undefined
-    const envelope = decodeRecord(key, record)
+    let length = native(() => this.#parts.native.getInto(key, this.#readBuffer))
+    if (length < 0) return undefined
+    if (length > this.#readBuffer.length) {
+      this.#readBuffer = Buffer.allocUnsafeSlow(Math.max(length, 2 * this.#readBuffer.length))
+      length = native(() => this.#parts.native.getInto(key, this.#readBuffer))
+      if (length < 0) return undefined
+    }
+    // The codec must not keep views into the shared buffer (msgpack copies bin values; raw copies).
+    const envelope = decodeRecord(key, this.#readBuffer.subarray(0, length))
     return { key, value: decodeValue(this.#parts.codec, key, envelope.value), metadata: envelope.metadata }
   }
 

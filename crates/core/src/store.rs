@@ -109,6 +109,9 @@ pub struct MapStats {
     pub largest_batch: u64,
 }
 
+/// A read snapshot of one table, shared by lookups until the next commit.
+pub(crate) type Snapshot = Arc<redb::ReadOnlyTable<&'static str, &'static [u8]>>;
+
 /// One table's shared state: its locks, cache and key sequence.
 pub(crate) struct TableState {
     pub name: String,
@@ -117,7 +120,7 @@ pub(crate) struct TableState {
     pub codec: String,
     pub keys: KeyFormat,
     pub locks: LockTable,
-    pub cache: EntryCache,
+    pub cache: EntryCache<Snapshot>,
     sequence: Mutex<KeySequence>,
 }
 
@@ -364,6 +367,9 @@ impl Handle {
         };
         if last {
             self.shared.queue.shutdown();
+            for table in self.shared.tables() {
+                table.cache.forget_snapshot();
+            }
             self.shared
                 .db
                 .write()
@@ -623,11 +629,24 @@ impl MapStore {
     }
 
     fn read(&self, key: &str) -> Result<Option<Arc<[u8]>>> {
-        let generation = match self.table.cache.lookup(key) {
+        let (generation, snapshot) = match self.table.cache.lookup(key) {
             Lookup::Hit(found) => return Ok(found),
-            Lookup::Miss { generation } => generation,
+            Lookup::Miss {
+                generation,
+                snapshot,
+            } => (generation, snapshot),
         };
-        let found = match self.read_table()? {
+        let snapshot = match snapshot {
+            Some(snapshot) => Some(snapshot),
+            None => {
+                let opened = self.read_table()?.map(Arc::new);
+                if let Some(table) = &opened {
+                    self.table.cache.keep_snapshot(generation, table.clone());
+                }
+                opened
+            }
+        };
+        let found = match snapshot {
             Some(table) => table
                 .get(key)
                 .map_err(|e| self.shared().redb_err(e))?
