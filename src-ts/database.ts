@@ -9,7 +9,6 @@ import { checkDatabaseOptions, checkLogger, checkMapOptions, checkTableName, che
 export class Database {
   readonly #native: NativeDatabase
   readonly #options: DatabaseOptions
-  readonly #inflight = new Set<Promise<unknown>>()
   readonly #stores = new Set<MapStore<unknown>>()
   readonly #onClose: (() => void) | undefined
   #closed = false
@@ -71,15 +70,6 @@ export class Database {
     return this.#ticket
   }
 
-  /** @internal Commits in flight, awaited by close(). */
-  track(commit: Promise<unknown>): void {
-    this.#inflight.add(commit)
-    const forget = (): void => {
-      this.#inflight.delete(commit)
-    }
-    commit.then(forget, forget)
-  }
-
   #checkOpen(): void {
     if (this.#closed) throw new StoreClosedError('the store is closed')
   }
@@ -93,8 +83,9 @@ export class Database {
     this.#closed = true
     for (const store of this.#stores) store.closeWalks()
     this.#stores.clear()
+    // The native close waits for this handle's commits in flight and settles their promises
+    // before it returns.
     this.#native.close()
-    await Promise.allSettled([...this.#inflight])
     this.#onClose?.()
   }
 

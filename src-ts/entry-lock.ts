@@ -3,7 +3,7 @@
 import type { Codec } from './codecs'
 import { encodeValue } from './codecs'
 import { encodeRecord, type Metadata } from './envelope'
-import { EntryReleasedError, InvalidArgumentError, KvStoreError, LockReleasedError, StoreClosedError, fromNative, native, settled } from './errors'
+import { EntryReleasedError, InvalidArgumentError, KvStoreError, LockReleasedError, StoreClosedError, fromNative } from './errors'
 import type { Logger } from './logger'
 import type { NativeMapStore } from './native'
 
@@ -26,7 +26,6 @@ export interface LockContext {
   readonly codec: Codec<never>
   readonly logger: Logger
   isClosed(): boolean
-  track(commit: Promise<unknown>): void
 }
 
 interface LockState {
@@ -115,11 +114,7 @@ export class EntryLock<T> {
   }
 
   /** Persists the entry (or deletes it), then releases the lock unless `updateOnly`. */
-  commit = (options: CommitOptions = {}): Promise<void> => {
-    const done = this.#commit(options)
-    this.#context.track(done)
-    return done
-  }
+  commit = (options: CommitOptions = {}): Promise<void> => this.#commit(options)
 
   async #commit(options: CommitOptions): Promise<void> {
     if (!this.#state.held) throw new LockReleasedError(`the lock on '${this.key}' was already released`)
@@ -147,7 +142,7 @@ export class EntryLock<T> {
         }
       }
       const { key, token } = this.#state
-      await settled(native(() => this.#context.native.commit(key, token, record, flags)))
+      await this.#context.native.commit(key, token, record, flags)
       if (!updateOnly) this.#die()
     } catch (err) {
       const typed = fromNative(err)

@@ -92,7 +92,6 @@ export class MapStore<T = unknown> {
       codec: parts.codec as Codec<never>,
       logger: parts.logger,
       isClosed: () => this.closed,
-      track: (commit) => parts.database.track(commit),
     }
     this.#rangeContext = {
       native: parts.native,
@@ -160,7 +159,7 @@ export class MapStore<T = unknown> {
 
   // ---- locks ----
 
-  async #lock(key: string, mode: number, options: LockOptions): Promise<NativeLocked> {
+  #lock(key: string, mode: number, options: LockOptions): NativeLocked | Promise<NativeLocked> {
     this.#checkOpen()
     checkObject('options', options)
     const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs) ?? this.#parts.lockTimeoutMs
@@ -170,7 +169,11 @@ export class MapStore<T = unknown> {
     const ticket = this.#parts.database.nextTicket()
     const store = this.#parts.native
     const locked = native(() => store.lock(key, mode, ticket))
-    if (!isPromise(locked)) return locked
+    return isPromise(locked) ? this.#wait(key, ticket, locked, timeoutMs, signal) : locked
+  }
+
+  async #wait(key: string, ticket: number, locked: Promise<NativeLocked>, timeoutMs: number, signal: AbortSignal | undefined): Promise<NativeLocked> {
+    const store = this.#parts.native
     // Waiting: the core owns the queue; a timeout or abort asks it to drop this waiter, which
     // then rejects the promise below (unless the lock was granted first).
     const timer = Number.isFinite(timeoutMs) ? setTimeout(() => store.cancelWait(key, ticket, 'timeout'), timeoutMs) : undefined
@@ -219,15 +222,15 @@ export class MapStore<T = unknown> {
     if (options.metadata !== undefined && (typeof options.metadata !== 'object' || options.metadata === null)) {
       throw new InvalidArgumentError('metadata must be an object of strings')
     }
-    const locked = await this.#lock(key, options.allowExisting ? MODE_ANY : MODE_NEW, options)
-    return this.#handle(key, locked, options)
+    const locked = this.#lock(key, options.allowExisting ? MODE_ANY : MODE_NEW, options)
+    return this.#handle(key, isPromise(locked) ? await locked : locked, options)
   }
 
   /** Waits for `key`'s lock and returns the entry locked. EntryNotFoundError if absent. */
   async getAndLockEntry(key: string, options: LockOptions = {}): Promise<EntryLock<T>> {
     checkKey(key)
-    const locked = await this.#lock(key, MODE_EXISTING, options)
-    return this.#handle(key, locked)
+    const locked = this.#lock(key, MODE_EXISTING, options)
+    return this.#handle(key, isPromise(locked) ? await locked : locked)
   }
 
   /** Locks `key`, runs `update` on its entry, commits. If `update` throws, releases and rethrows. */

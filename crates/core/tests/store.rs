@@ -392,3 +392,28 @@ fn hex(s: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
         .collect()
 }
+
+#[test]
+fn reads_without_a_cache_always_see_the_last_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::open(dir.path().join("t.redb"), DatabaseOptions::default()).unwrap();
+    let map = db
+        .map_store(
+            "nocache",
+            MapOptions {
+                cache_capacity: 0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    put(&map, "other", b"x");
+    assert_eq!(value(&map, "other").unwrap(), b"x"); // a snapshot is now kept
+    for i in 0..50u32 {
+        put(&map, "k", &i.to_le_bytes());
+        assert_eq!(value(&map, "k").unwrap(), i.to_le_bytes(), "round {i}");
+        assert_eq!(value(&map, "other").unwrap(), b"x");
+    }
+    map.delete("k").unwrap();
+    assert!(value(&map, "k").is_none());
+    assert_eq!(map.lock("k", LockMode::New, None).unwrap().existed(), false);
+}
