@@ -56,6 +56,9 @@ export declare class NativeRange {
   close(): void
 }
 
+/** redb's integrity check of a file that is not open anywhere. */
+export declare function checkIntegrity(path: string): boolean
+
 /** Every stable error code, so the TS layer can check its table against the core's. */
 export declare function errorCodes(): Array<string>
 

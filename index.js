@@ -838,4 +838,5 @@ module.exports = nativeBinding
 module.exports.NativeDatabase = nativeBinding.NativeDatabase
 module.exports.NativeMapStore = nativeBinding.NativeMapStore
 module.exports.NativeRange = nativeBinding.NativeRange
+module.exports.checkIntegrity = nativeBinding.checkIntegrity
 module.exports.errorCodes = nativeBinding.errorCodes

@@ -278,3 +278,28 @@ test('a lock handle garbage-collected while held is released with a warning', as
   const again = await store.getAndLockEntry('k')
   again.release()
 })
+
+test('two handles on one file in one thread share the same locks and commits', async (t) => {
+  const { join } = await import('node:path')
+  const { tempDir } = await import('./helpers.mjs')
+  const path = join(tempDir(t), 'shared.redb')
+  const a = await kv.MapStore.open(path)
+  const b = await kv.MapStore.open(path)
+  t.teardown(async () => {
+    await a.close()
+    await b.close()
+  })
+  await put(a, 'k', 1)
+  t.is(b.getEntry('k').value, 1)
+  const held = await a.getAndLockEntry('k')
+  const waiting = b.getAndLockEntry('k')
+  await waitersQueued(b, 1)
+  held.entry.value = 2
+  await held.commit()
+  const next = await waiting
+  t.is(next.entry.value, 2)
+  await a.close()
+  t.is(b.stats().locksHeld, 1, 'closing one handle leaves the other handle’s lock alone')
+  next.release()
+  t.is(b.getEntry('k').value, 2)
+})

@@ -46,6 +46,12 @@ pub fn error_codes() -> Vec<String> {
         .collect()
 }
 
+/// redb's integrity check of a file that is not open anywhere.
+#[napi]
+pub fn check_integrity(path: String) -> Result<bool> {
+    kvstore_core::check_integrity(&path).or_js()
+}
+
 #[napi(object)]
 pub struct NativeOpenOptions {
     pub page_cache_bytes: Option<f64>,

@@ -36,6 +36,15 @@ export class Database {
     return new Database(handle, options, onClose)
   }
 
+  /**
+   * Runs redb's integrity check over a store file that is not open: true when clean, false when
+   * it had to be repaired; DatabaseCorruptError when it cannot be.
+   */
+  static async checkIntegrity(path: string): Promise<boolean> {
+    if (typeof path !== 'string') throw new TypeError(`path must be a string, got ${typeof path}`)
+    return native(() => binding.checkIntegrity(path))
+  }
+
   get path(): string {
     return this.#native.path
   }

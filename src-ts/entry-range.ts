@@ -3,7 +3,7 @@
 // end the walk.
 import type { Codec } from './codecs'
 import { decodeValue } from './codecs'
-import { decodeRecord, type DecodedRecord, type Metadata } from './envelope'
+import { readEnvelope, type Envelope, type Metadata } from './envelope'
 import { InvalidArgumentError, native } from './errors'
 import type { NativeMapStore, NativeRange } from './native'
 
@@ -22,35 +22,41 @@ export interface RangeOptions {
 
 export class EntryItem<T> {
   readonly key: string
-  #record: Buffer | undefined
+  // The record is bytes [start, end) of a batch buffer that only this walk's items share.
+  #batch: Buffer | undefined
+  #start: number
+  #end: number
   #codec: Codec<T>
-  #decoded: DecodedRecord | undefined
+  #envelope: Envelope | undefined
   #value: { v: T } | undefined
 
-  constructor(key: string, record: Buffer | undefined, codec: Codec<T>) {
+  constructor(key: string, batch: Buffer | undefined, start: number, end: number, codec: Codec<T>) {
     this.key = key
-    this.#record = record
+    this.#batch = batch
+    this.#start = start
+    this.#end = end
     this.#codec = codec
   }
 
-  #envelope(): DecodedRecord | undefined {
-    if (this.#record === undefined) return undefined
-    this.#decoded ??= decodeRecord(this.key, this.#record)
-    return this.#decoded
+  #read(): Envelope | undefined {
+    if (this.#batch === undefined) return undefined
+    this.#envelope ??= readEnvelope(this.key, this.#batch, this.#start, this.#end)
+    return this.#envelope
   }
 
   /** The decoded value; throws CodecError (naming the key) if it cannot be decoded. */
   get value(): T {
     if (this.#value === undefined) {
-      const envelope = this.#envelope()
+      const envelope = this.#read()
       if (envelope === undefined) return undefined as T
-      this.#value = { v: decodeValue(this.#codec, this.key, envelope.value) }
+      const bytes = (this.#batch as Buffer).subarray(envelope.valueStart, this.#end)
+      this.#value = { v: decodeValue(this.#codec, this.key, bytes) }
     }
     return this.#value.v
   }
 
   get metadata(): Metadata {
-    return this.#envelope()?.metadata ?? {}
+    return this.#read()?.metadata ?? {}
   }
 
   toJSON(): { key: string; value: T; metadata: Metadata } {
@@ -130,15 +136,13 @@ class EntryWalk<T> implements Iterator<EntryItem<T>> {
     const keyLength = batch.readUInt32LE(this.#at)
     const keyEnd = this.#at + 4 + keyLength
     const key = batch.toString('utf8', this.#at + 4, keyEnd)
-    let record: Buffer | undefined
     if (this.#options.keysOnly) {
       this.#at = keyEnd
-    } else {
-      const recordLength = batch.readUInt32LE(keyEnd)
-      record = batch.subarray(keyEnd + 4, keyEnd + 4 + recordLength)
-      this.#at = keyEnd + 4 + recordLength
+      return { done: false, value: new EntryItem(key, undefined, 0, 0, this.#context.codec) }
     }
-    return { done: false, value: new EntryItem(key, record, this.#context.codec) }
+    const start = keyEnd + 4
+    this.#at = start + batch.readUInt32LE(keyEnd)
+    return { done: false, value: new EntryItem(key, batch, start, this.#at, this.#context.codec) }
   }
 
   return(): IteratorResult<EntryItem<T>> {

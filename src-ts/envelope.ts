@@ -60,26 +60,28 @@ export function encodeRecord(key: string, metadata: Metadata, value: Uint8Array)
   return out
 }
 
-export interface DecodedRecord {
+export interface Envelope {
   metadata: Metadata
-  value: Buffer
+  /** Where the codec's bytes begin; they run to the end of the record. */
+  valueStart: number
 }
 
-export function decodeRecord(key: string, record: Buffer): DecodedRecord {
-  if (record.length >= 2 && record[0] === VERSION && record[1] === 0) {
-    return { metadata: {}, value: record.subarray(2) }
+/** Reads the envelope of the record in `bytes[start, end)` without copying the value. */
+export function readEnvelope(key: string, bytes: Buffer, start: number, end: number): Envelope {
+  if (end - start >= 2 && bytes[start] === VERSION && bytes[start + 1] === 0) {
+    return { metadata: {}, valueStart: start + 2 }
   }
   const fail = (why: string): never => {
     throw new CodecError(`the record of '${key}' is damaged: ${why}`)
   }
-  if (record.length === 0 || record[0] !== VERSION) fail(`unknown envelope version ${record[0]}`)
-  let at = 1
+  if (end <= start || bytes[start] !== VERSION) fail(`unknown envelope version ${bytes[start]}`)
+  let at = start + 1
   const varint = (): number => {
     let n = 0
     let scale = 1
     for (let i = 0; i < 8; i++) {
-      if (at >= record.length) fail('truncated')
-      const b = record[at++]
+      if (at >= end) fail('truncated')
+      const b = bytes[at++]
       n += (b & 0x7f) * scale
       if ((b & 0x80) === 0) return n
       scale *= 128
@@ -88,8 +90,8 @@ export function decodeRecord(key: string, record: Buffer): DecodedRecord {
   }
   const text = (): string => {
     const len = varint()
-    if (at + len > record.length) fail('truncated')
-    const s = record.toString('utf8', at, at + len)
+    if (at + len > end) fail('truncated')
+    const s = bytes.toString('utf8', at, at + len)
     at += len
     return s
   }
@@ -99,5 +101,15 @@ export function decodeRecord(key: string, record: Buffer): DecodedRecord {
     const name = text()
     metadata[name] = text()
   }
-  return { metadata, value: record.subarray(at) }
+  return { metadata, valueStart: at }
+}
+
+export interface DecodedRecord {
+  metadata: Metadata
+  value: Buffer
+}
+
+export function decodeRecord(key: string, record: Buffer): DecodedRecord {
+  const { metadata, valueStart } = readEnvelope(key, record, 0, record.length)
+  return { metadata, value: record.subarray(valueStart) }
 }

@@ -9,7 +9,7 @@ import { decodeValue } from './codecs'
 import { Database } from './database'
 import { EntryLock, type Entry, type LockContext } from './entry-lock'
 import { checkRangeOptions, EntryRange, type RangeContext, type RangeOptions } from './entry-range'
-import { decodeRecord, type Metadata } from './envelope'
+import { decodeRecord, readEnvelope, type Metadata } from './envelope'
 import { AbortError, InvalidArgumentError, native, settled, StoreClosedError } from './errors'
 import type { Logger } from './logger'
 import type { NativeLocked, NativeMapStore, NativeRange, NativeStats } from './native'
@@ -282,8 +282,8 @@ export class MapStore<T = unknown> {
       if (length < 0) return undefined
     }
     // The codec must not keep views into the shared buffer (msgpack copies bin values; raw copies).
-    const envelope = decodeRecord(key, this.#readBuffer.subarray(0, length))
-    return { key, value: decodeValue(this.#parts.codec, key, envelope.value), metadata: envelope.metadata }
+    const { metadata, valueStart } = readEnvelope(key, this.#readBuffer, 0, length)
+    return { key, value: decodeValue(this.#parts.codec, key, this.#readBuffer.subarray(valueStart, length)), metadata }
   }
 
   /** A walk over one snapshot of committed entries, in byte-wise key order. */

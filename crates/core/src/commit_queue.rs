@@ -22,6 +22,10 @@ pub type CommitCallback = Box<dyn FnOnce(Result<()>) + Send>;
 /// Most commits that share one transaction; bounds the latency of the first in a batch.
 const MAX_BATCH: usize = 8192;
 
+/// Non-durable transactions after which one is made durable anyway: redb cannot reuse the pages
+/// freed by non-durable commits until a durable one, so without this the file and memory grow.
+const MAX_UNSYNCED_BATCHES: u32 = 256;
+
 pub enum Change {
     Put(Arc<[u8]>),
     Delete,
@@ -75,7 +79,7 @@ impl CommitQueue {
             db,
             path,
             stats: stats.clone(),
-            unsynced: false,
+            unsynced: 0,
         };
         let thread = std::thread::Builder::new()
             .name("kvstore-writer".into())
@@ -107,8 +111,8 @@ struct Writer {
     db: Arc<redb::Database>,
     path: String,
     stats: Arc<CommitStats>,
-    /// A non-durable transaction was committed since the last fsync.
-    unsynced: bool,
+    /// Non-durable transactions committed since the last durable one.
+    unsynced: u32,
 }
 
 impl Writer {
@@ -140,7 +144,7 @@ impl Writer {
                 carry = self.commit_batch(jobs);
             }
         }
-        if self.unsynced {
+        if self.unsynced > 0 {
             // Durability 'none' commits reach the disk at close at the latest.
             let _ = self.write(&[], true);
         }
@@ -148,11 +152,12 @@ impl Writer {
 
     /// Writes one batch and settles it. Returns follow-up jobs (further key leases).
     fn commit_batch(&mut self, jobs: Vec<Job>) -> Vec<Job> {
-        let durable = jobs.iter().any(|j| match j {
-            Job::Commit(c) => c.durable,
-            Job::Lease { durable, .. } => *durable,
-            Job::Barrier(_) | Job::Shutdown => false,
-        });
+        let durable = self.unsynced >= MAX_UNSYNCED_BATCHES
+            || jobs.iter().any(|j| match j {
+                Job::Commit(c) => c.durable,
+                Job::Lease { durable, .. } => *durable,
+                Job::Barrier(_) | Job::Shutdown => false,
+            });
         let outcome =
             catch_unwind(AssertUnwindSafe(|| self.write(&jobs, durable))).unwrap_or_else(|_| {
                 Err(Error::Io {
@@ -163,7 +168,7 @@ impl Writer {
         let commits = jobs.iter().filter(|j| matches!(j, Job::Commit(_))).count() as u64;
         match outcome {
             Ok(()) => {
-                self.unsynced = !durable;
+                self.unsynced = if durable { 0 } else { self.unsynced + 1 };
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                 self.stats.commits.fetch_add(commits, Ordering::Relaxed);
                 self.stats

@@ -465,6 +465,23 @@ impl Database {
     }
 }
 
+/// Runs redb's integrity check over a file that is not open: true when it is clean, false when
+/// redb had to repair it; a damaged file it cannot repair is [`Error::DatabaseCorrupt`].
+pub fn check_integrity(path: impl AsRef<Path>) -> Result<bool> {
+    let key = normalize(path.as_ref())?;
+    let shown = key.display().to_string();
+    if registry().contains_key(&key) {
+        return Err(Error::DatabaseLocked { path: shown });
+    }
+    let mut db = catch_unwind(AssertUnwindSafe(|| redb::Database::open(&key)))
+        .map_err(|_| Error::DatabaseCorrupt {
+            path: shown.clone(),
+            detail: "the file could not be read as a redb database".into(),
+        })?
+        .map_err(|e| open_error(&shown, e))?;
+    db.check_integrity().map_err(|e| open_error(&shown, e))
+}
+
 /// One named map of a [`Database`], through one handle.
 #[derive(Clone)]
 pub struct MapStore {
