@@ -17,6 +17,8 @@ export declare class NativeDatabase {
   static open(path: string, options: NativeOpenOptions): NativeDatabase
   mapStore(name: string, options: NativeMapOptions): NativeMapStore
   get path(): string
+  /** Queues the commits made since the last flush, as one unit (call once per JS turn). */
+  flush(): void
   /** Waits for this handle's commits in flight, then releases its locks and waiters. */
   close(): void
 }
@@ -25,12 +27,17 @@ export declare class NativeMapStore {
   /**
    * Takes `key`'s lock for `mode` (0 existing, 1 new, 2 either). Returns the locked entry at
    * once when the key is free; otherwise a promise, cancellable through `ticket`.
+   * A free key with no committed record (the usual create) comes back as the bare token:
+   * building a JS object through N-API costs more than the lock itself.
    */
-  lock(key: string, mode: number, ticket: number): NativeLocked | Promise<NativeLocked>
+  lock(key: string, mode: number, ticket: number): number | NativeLocked | Promise<NativeLocked>
   /** Gives up a queued wait; `reason` is "timeout" or "abort". False if already granted. */
   cancelWait(key: string, ticket: number, reason: string): boolean
   release(key: string, token: number): void
-  /** Writes `record` (or deletes, per `flags`) under the lock `token`; settles once durable. */
+  /**
+   * Prepares a write of `record` (or a delete, per `flags`) under the lock `token`; it is
+   * queued at the next `flush()` of its database and settles once durable.
+   */
   commit(key: string, token: number, record: Uint8Array | undefined | null, flags: number): Promise<void>
   /**
    * Copies the committed record of `key` into `out` and returns its length, or -1 when there

@@ -3,9 +3,11 @@
 
 use std::sync::Arc;
 
+use std::sync::Mutex;
+
 use kvstore_core::{
     Acquire, Change, CommitOptions, Database, DatabaseOptions, EntryRange, ErrorCode, Grant,
-    KeyFormat, LockMode, LockedEntry, MapOptions, MapStore, NextKey, RangeOptions,
+    KeyFormat, LockMode, LockedEntry, MapOptions, MapStore, NextKey, PreparedCommit, RangeOptions,
 };
 use napi::bindgen_prelude::*;
 use napi::{CleanupEnvHook, Env};
@@ -71,7 +73,14 @@ pub struct NativeMapOptions {
 pub struct NativeDatabase {
     db: Database,
     mailbox: Arc<Mailbox>,
+    /// Commits of this JS turn, queued together by `flush` so they share a transaction.
+    pending: Arc<Mutex<Vec<PreparedCommit>>>,
     cleanup: Option<CleanupEnvHook<Database>>,
+}
+
+fn flush_pending(db: &Database, pending: &Mutex<Vec<PreparedCommit>>) {
+    let commits = std::mem::take(&mut *pending.lock().unwrap_or_else(|p| p.into_inner()));
+    db.submit(commits);
 }
 
 #[napi]
@@ -96,6 +105,7 @@ impl NativeDatabase {
         Ok(NativeDatabase {
             db,
             mailbox,
+            pending: Arc::new(Mutex::new(Vec::new())),
             cleanup: Some(cleanup),
         })
     }
@@ -125,8 +135,10 @@ impl NativeDatabase {
             )
             .or_js()?;
         Ok(NativeMapStore {
+            db: self.db.clone(),
             map,
             mailbox: self.mailbox.clone(),
+            pending: self.pending.clone(),
         })
     }
 
@@ -135,15 +147,29 @@ impl NativeDatabase {
         self.db.path().display().to_string()
     }
 
+    /// Queues the commits made since the last flush, as one unit (call once per JS turn).
+    #[napi]
+    pub fn flush(&self) {
+        flush_pending(&self.db, &self.pending);
+    }
+
     /// Waits for this handle's commits in flight, then releases its locks and waiters.
     #[napi]
     pub fn close(&mut self, env: Env) -> Result<()> {
+        flush_pending(&self.db, &self.pending);
         self.db.close();
         self.mailbox.close(&env);
         if let Some(hook) = self.cleanup.take() {
             env.remove_env_cleanup_hook(hook)?;
         }
         Ok(())
+    }
+}
+
+impl Drop for NativeDatabase {
+    fn drop(&mut self) {
+        // Nothing prepared may be left unsettled: its promise would keep the loop alive.
+        flush_pending(&self.db, &self.pending);
     }
 }
 
@@ -170,6 +196,9 @@ fn lock_mode(mode: u32) -> Result<LockMode> {
         _ => Err(js_error(kvstore_core::Error::invalid("unknown lock mode"))),
     }
 }
+
+/// Prepared commits of one turn that are queued at once rather than at the turn's end.
+const EAGER_FLUSH: usize = 16;
 
 const COMMIT_DELETE: u32 = 1;
 const COMMIT_UPDATE_ONLY: u32 = 2;
@@ -212,22 +241,26 @@ pub struct NativeStats {
 
 #[napi]
 pub struct NativeMapStore {
+    db: Database,
     map: MapStore,
     mailbox: Arc<Mailbox>,
+    pending: Arc<Mutex<Vec<PreparedCommit>>>,
 }
 
 #[napi]
 impl NativeMapStore {
     /// Takes `key`'s lock for `mode` (0 existing, 1 new, 2 either). Returns the locked entry at
     /// once when the key is free; otherwise a promise, cancellable through `ticket`.
-    #[napi(ts_return_type = "NativeLocked | Promise<NativeLocked>")]
+    /// A free key with no committed record (the usual create) comes back as the bare token:
+    /// building a JS object through N-API costs more than the lock itself.
+    #[napi(ts_return_type = "number | NativeLocked | Promise<NativeLocked>")]
     pub fn lock(
         &self,
         env: Env,
         key: String,
         mode: u32,
         ticket: u32,
-    ) -> Result<Either<NativeLocked, PromiseRaw<'static, NativeLocked>>> {
+    ) -> Result<Either3<i64, NativeLocked, PromiseRaw<'static, NativeLocked>>> {
         let mode = lock_mode(mode)?;
         let mut promise = None;
         let acquired = self.map.acquire(&key, u64::from(ticket), || {
@@ -257,9 +290,12 @@ impl NativeMapStore {
         match acquired.or_js()? {
             Acquire::Granted(grant) => {
                 let locked = self.map.finish_acquire(&key, grant, mode).or_js()?;
-                Ok(Either::A(to_js_locked(locked)))
+                Ok(match locked.record {
+                    None => Either3::A(locked.token as i64),
+                    Some(_) => Either3::B(to_js_locked(locked)),
+                })
             }
-            Acquire::Queued => Ok(Either::B(promise.expect("queued with a promise"))),
+            Acquire::Queued => Ok(Either3::C(promise.expect("queued with a promise"))),
         }
     }
 
@@ -278,7 +314,8 @@ impl NativeMapStore {
         self.map.release(&key, token as u64).or_js()
     }
 
-    /// Writes `record` (or deletes, per `flags`) under the lock `token`; settles once durable.
+    /// Prepares a write of `record` (or a delete, per `flags`) under the lock `token`; it is
+    /// queued at the next `flush()` of its database and settles once durable.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn commit(
         &self,
@@ -301,7 +338,7 @@ impl NativeMapStore {
         let (deferred, raw) = self.mailbox.promise(&env)?;
         let slot = Arc::new(std::sync::Mutex::new(Some(deferred)));
         let taken = slot.clone();
-        let queued = self.map.commit(
+        let prepared = self.map.prepare_commit(
             &key,
             token as u64,
             change,
@@ -312,9 +349,20 @@ impl NativeMapStore {
                 }
             }),
         );
-        if let Err(err) = queued {
-            if let Some(deferred) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                self.mailbox.post(Settlement::Committed(deferred, Err(err)));
+        match prepared {
+            Ok(prepared) => {
+                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                pending.push(prepared);
+                // Enough for a transaction of its own: hand it to the writer now, so writing
+                // overlaps with the rest of this turn.
+                if pending.len() >= EAGER_FLUSH {
+                    self.db.submit(std::mem::take(&mut *pending));
+                }
+            }
+            Err(err) => {
+                if let Some(deferred) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    self.mailbox.post(Settlement::Committed(deferred, Err(err)));
+                }
             }
         }
         Ok(PromiseRaw::new(env.raw(), raw))

@@ -13,6 +13,11 @@ export class Database {
   readonly #onClose: (() => void) | undefined
   #closed = false
   #ticket = 0
+  #flushScheduled = false
+  readonly #flush = (): void => {
+    this.#flushScheduled = false
+    if (!this.#closed) this.#native.flush()
+  }
 
   private constructor(handle: NativeDatabase, options: DatabaseOptions, onClose?: () => void) {
     this.#native = handle
@@ -77,6 +82,16 @@ export class Database {
   nextTicket(): number {
     this.#ticket = (this.#ticket + 1) >>> 0
     return this.#ticket
+  }
+
+  /**
+   * @internal A commit was prepared: queue this turn's commits together once the turn's
+   * microtasks have run, so they share one transaction (and one fsync).
+   */
+  commitPrepared(): void {
+    if (this.#flushScheduled) return
+    this.#flushScheduled = true
+    setImmediate(this.#flush)
   }
 
   #checkOpen(): void {

@@ -26,6 +26,8 @@ export interface LockContext {
   readonly codec: Codec<never>
   readonly logger: Logger
   isClosed(): boolean
+  /** A native commit was prepared; it is queued at the end of this turn. */
+  commitPrepared(): void
 }
 
 interface LockState {
@@ -142,7 +144,9 @@ export class EntryLock<T> {
         }
       }
       const { key, token } = this.#state
-      await this.#context.native.commit(key, token, record, flags)
+      const written = this.#context.native.commit(key, token, record, flags)
+      this.#context.commitPrepared()
+      await written
       if (!updateOnly) this.#die()
     } catch (err) {
       const typed = fromNative(err)

@@ -53,6 +53,9 @@ export interface Stats {
   openSnapshots: number
 }
 
+/** A lock as the binding hands it over: a bare token when there is no committed record. */
+type Locked = number | NativeLocked
+
 const MODE_EXISTING = 0
 const MODE_NEW = 1
 const MODE_ANY = 2
@@ -92,6 +95,7 @@ export class MapStore<T = unknown> {
       codec: parts.codec as Codec<never>,
       logger: parts.logger,
       isClosed: () => this.closed,
+      commitPrepared: () => parts.database.commitPrepared(),
     }
     this.#rangeContext = {
       native: parts.native,
@@ -159,7 +163,7 @@ export class MapStore<T = unknown> {
 
   // ---- locks ----
 
-  #lock(key: string, mode: number, options: LockOptions): NativeLocked | Promise<NativeLocked> {
+  #lock(key: string, mode: number, options: LockOptions): Locked | Promise<Locked> {
     this.#checkOpen()
     checkObject('options', options)
     const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs) ?? this.#parts.lockTimeoutMs
@@ -172,7 +176,7 @@ export class MapStore<T = unknown> {
     return isPromise(locked) ? this.#wait(key, ticket, locked, timeoutMs, signal) : locked
   }
 
-  async #wait(key: string, ticket: number, locked: Promise<NativeLocked>, timeoutMs: number, signal: AbortSignal | undefined): Promise<NativeLocked> {
+  async #wait(key: string, ticket: number, locked: Promise<NativeLocked>, timeoutMs: number, signal: AbortSignal | undefined): Promise<Locked> {
     const store = this.#parts.native
     // Waiting: the core owns the queue; a timeout or abort asks it to drop this waiter, which
     // then rejects the promise below (unless the lock was granted first).
@@ -192,7 +196,10 @@ export class MapStore<T = unknown> {
     }
   }
 
-  #handle(key: string, locked: NativeLocked, fresh?: { value?: T; metadata?: Metadata }): EntryLock<T> {
+  #handle(key: string, locked: Locked, fresh?: { value?: T; metadata?: Metadata }): EntryLock<T> {
+    if (typeof locked === 'number') {
+      return new EntryLock(this.#lockContext, key, locked, false, fresh?.value as T, { ...fresh?.metadata })
+    }
     let value: T
     let metadata: Metadata
     if (locked.record) {
@@ -259,8 +266,10 @@ export class MapStore<T = unknown> {
   async deleteEntry(key: string, options: LockOptions = {}): Promise<boolean> {
     checkKey(key)
     const locked = await this.#lock(key, MODE_ANY, options)
-    const lock = new EntryLock(this.#lockContext, key, locked.token, locked.existed, undefined as T, {})
-    if (!locked.existed) {
+    const existed = typeof locked !== 'number' && locked.existed
+    const token = typeof locked === 'number' ? locked : locked.token
+    const lock = new EntryLock(this.#lockContext, key, token, existed, undefined as T, {})
+    if (!existed) {
       lock.release()
       return false
     }

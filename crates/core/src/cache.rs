@@ -2,12 +2,9 @@
 //! writer changes it after a commit, and a reader may fill it only if no commit happened since
 //! the reader's snapshot began (the generation check), so it never holds stale data.
 //!
-//! It also keeps one read snapshot `S` for misses: opening a read transaction per lookup costs
-//! more than the lookup. The snapshot stays useful after commits: every key committed since it
-//! was opened is noted as dirty, and only dirty keys need a fresh read. Past
-//! [`DIRTY_LIMIT`] dirty keys the snapshot is dropped, so an old one never pins much garbage.
+//! It also keeps one read snapshot `S` for misses, valid for the generation it was opened in:
+//! opening a read transaction per lookup costs more than the lookup.
 
-use std::collections::HashSet;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
@@ -16,15 +13,10 @@ use lru::LruCache;
 /// Committed record bytes; `None` caches "no such entry".
 pub type Cached = Option<Arc<[u8]>>;
 
-/// Commits of distinct keys after which the kept snapshot is let go.
-pub const DIRTY_LIMIT: usize = 4096;
-
 struct CacheState<S> {
     entries: Option<LruCache<Box<str>, Cached>>,
     generation: u64,
-    snapshot: Option<S>,
-    /// Keys committed since `snapshot` was opened: its answer for them is out of date.
-    dirty: HashSet<Box<str>>,
+    snapshot: Option<(u64, S)>,
     hits: u64,
     misses: u64,
 }
@@ -57,7 +49,6 @@ impl<S: Clone> EntryCache<S> {
                 entries: NonZeroUsize::new(capacity).map(LruCache::new),
                 generation: 0,
                 snapshot: None,
-                dirty: HashSet::new(),
                 hits: 0,
                 misses: 0,
             }),
@@ -80,7 +71,7 @@ impl<S: Clone> EntryCache<S> {
                 state.misses += 1;
                 let generation = state.generation;
                 let snapshot = match &state.snapshot {
-                    Some(s) if !state.dirty.contains(key) => Some(s.clone()),
+                    Some((g, s)) if *g == generation => Some(s.clone()),
                     _ => None,
                 };
                 Lookup::Miss {
@@ -102,22 +93,17 @@ impl<S: Clone> EntryCache<S> {
         }
     }
 
-    /// Keeps a snapshot opened after `generation` was read, unless a commit came since (its
-    /// keys would not be known as dirty) or a snapshot is already kept.
+    /// Keeps a snapshot opened after `generation` was read, unless a commit came since.
     pub fn keep_snapshot(&self, generation: u64, snapshot: S) {
         let mut state = self.state();
-        if state.generation == generation && state.snapshot.is_none() {
-            state.snapshot = Some(snapshot);
-            state.dirty.clear();
+        if state.generation == generation {
+            state.snapshot = Some((generation, snapshot));
         }
     }
 
     /// Lets go of the kept snapshot (at close, so the file is not held open).
     pub fn forget_snapshot(&self) {
-        let mut state = self.state();
-        let stale = state.snapshot.take();
-        state.dirty.clear();
-        drop(state);
+        let stale = self.state().snapshot.take();
         drop(stale);
     }
 
@@ -125,23 +111,14 @@ impl<S: Clone> EntryCache<S> {
     /// before any lock of the batch is released.
     pub fn apply<'a>(&self, changes: impl IntoIterator<Item = (&'a str, Cached)>) {
         let mut state = self.state();
-        let state = &mut *state;
         state.generation += 1;
-        let tracking = state.snapshot.is_some();
-        for (key, value) in changes {
-            if tracking {
-                state.dirty.insert(key.into());
-            }
-            if let Some(entries) = state.entries.as_mut() {
+        let stale = state.snapshot.take();
+        if let Some(entries) = state.entries.as_mut() {
+            for (key, value) in changes {
                 entries.put(key.into(), value);
             }
         }
-        let stale = if state.dirty.len() > DIRTY_LIMIT {
-            state.dirty.clear();
-            state.snapshot.take()
-        } else {
-            None
-        };
+        drop(state);
         drop(stale);
     }
 
@@ -164,9 +141,13 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_is_offered_only_for_keys_not_committed_since() {
+    fn a_snapshot_is_offered_only_in_its_generation() {
         let cache: EntryCache<&str> = EntryCache::new(0);
-        let Lookup::Miss { generation, .. } = cache.lookup("k") else {
+        let Lookup::Miss {
+            generation,
+            snapshot: None,
+        } = cache.lookup("k")
+        else {
             panic!("nothing kept yet")
         };
         cache.keep_snapshot(generation, "snap");
@@ -180,31 +161,8 @@ mod tests {
         cache.apply([("other", bytes("v"))]);
         assert!(matches!(
             cache.lookup("k"),
-            Lookup::Miss {
-                snapshot: Some("snap"),
-                ..
-            }
-        ));
-        assert!(matches!(
-            cache.lookup("other"),
             Lookup::Miss { snapshot: None, .. }
         ));
-        for i in 0..=DIRTY_LIMIT {
-            cache.apply([(format!("k{i}").as_str(), None)]);
-        }
-        assert!(
-            matches!(cache.lookup("k"), Lookup::Miss { snapshot: None, .. }),
-            "dropped past the limit"
-        );
-    }
-
-    #[test]
-    fn a_snapshot_opened_before_a_commit_is_not_kept() {
-        let cache: EntryCache<&str> = EntryCache::new(0);
-        let Lookup::Miss { generation, .. } = cache.lookup("k") else {
-            panic!("nothing kept yet")
-        };
-        cache.apply([("k", bytes("v"))]);
         cache.keep_snapshot(generation, "late");
         assert!(matches!(
             cache.lookup("k"),

@@ -53,6 +53,8 @@ pub(crate) enum Job {
     },
     /// Runs once every job submitted before it is settled.
     Barrier(Box<dyn FnOnce() + Send>),
+    /// Several jobs sent as one message, so they land in the same transaction.
+    Many(Vec<Job>),
     Shutdown,
 }
 
@@ -123,13 +125,13 @@ impl Writer {
             let mut jobs = std::mem::take(&mut carry);
             if jobs.is_empty() {
                 match rx.recv() {
-                    Ok(job) => jobs.push(job),
+                    Ok(job) => push_job(&mut jobs, job),
                     Err(_) => break,
                 }
             }
             while jobs.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
+                    Ok(job) => push_job(&mut jobs, job),
                     Err(_) => break,
                 }
             }
@@ -156,7 +158,7 @@ impl Writer {
             || jobs.iter().any(|j| match j {
                 Job::Commit(c) => c.durable,
                 Job::Lease { durable, .. } => *durable,
-                Job::Barrier(_) | Job::Shutdown => false,
+                Job::Barrier(_) | Job::Many(_) | Job::Shutdown => false,
             });
         let outcome =
             catch_unwind(AssertUnwindSafe(|| self.write(&jobs, durable))).unwrap_or_else(|_| {
@@ -230,11 +232,18 @@ impl Writer {
                         meta.insert(table.sequence_key.as_str(), until.to_le_bytes().as_slice())
                             .map_err(|e| redb_err(e.into()))?;
                     }
-                    Job::Barrier(_) | Job::Shutdown => {}
+                    Job::Barrier(_) | Job::Many(_) | Job::Shutdown => {}
                 }
             }
         }
         txn.commit().map_err(|e| redb_err(e.into()))
+    }
+}
+
+fn push_job(jobs: &mut Vec<Job>, job: Job) {
+    match job {
+        Job::Many(many) => jobs.extend(many),
+        one => jobs.push(one),
     }
 }
 
@@ -273,7 +282,7 @@ fn settle_success(job: Job) -> Option<Job> {
             done();
             None
         }
-        Job::Shutdown => None,
+        Job::Many(_) | Job::Shutdown => None,
     }
 }
 
@@ -292,6 +301,11 @@ fn fail_job(job: Job, err: &Error) {
             }
         }
         Job::Barrier(done) => done(),
+        Job::Many(many) => {
+            for job in many {
+                fail_job(job, err);
+            }
+        }
         Job::Shutdown => {}
     }
 }

@@ -33,5 +33,5 @@ pub use locks::{Acquire, Grant, GrantCallback, LockCounts, LockToken, OwnerId};
 pub use range::{EntryRange, RangeOptions, RawEntry};
 pub use store::{
     check_integrity, CommitOptions, Database, DatabaseOptions, EntryGuard, LockMode, LockedEntry,
-    MapOptions, MapStats, MapStore, NextKey, FORMAT_VERSION, MAX_RECORD_BYTES,
+    MapOptions, MapStats, MapStore, NextKey, PreparedCommit, FORMAT_VERSION, MAX_RECORD_BYTES,
 };

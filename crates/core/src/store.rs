@@ -463,7 +463,18 @@ impl Database {
         }
         Ok(())
     }
+
+    /// Queues prepared commits (of any maps of this file) as one unit: they share a transaction.
+    pub fn submit(&self, commits: Vec<PreparedCommit>) {
+        let jobs: Vec<Job> = commits.into_iter().map(|c| c.0).collect();
+        if !jobs.is_empty() {
+            self.handle.shared.queue.submit(Job::Many(jobs));
+        }
+    }
 }
+
+/// A commit that passed its checks and waits to be queued (see [`MapStore::prepare_commit`]).
+pub struct PreparedCommit(Job);
 
 /// Runs redb's integrity check over a file that is not open: true when it is clean, false when
 /// redb had to repair it; a damaged file it cannot repair is [`Error::DatabaseCorrupt`].
@@ -594,6 +605,21 @@ impl MapStore {
         options: CommitOptions,
         done: CommitCallback,
     ) -> Result<()> {
+        let prepared = self.prepare_commit(key, token, change, options, done)?;
+        self.handle.shared.queue.submit(prepared.0);
+        Ok(())
+    }
+
+    /// Checks a commit as [`MapStore::commit`] does, without queueing it yet; hand a group of
+    /// them to [`Database::submit`] to have them written in one transaction.
+    pub fn prepare_commit(
+        &self,
+        key: &str,
+        token: LockToken,
+        change: Change,
+        options: CommitOptions,
+        done: CommitCallback,
+    ) -> Result<PreparedCommit> {
         if matches!(change, Change::Delete) && options.update_only {
             return Err(Error::invalid(
                 "commit cannot both delete and keep the lock (delete with updateOnly)",
@@ -623,7 +649,7 @@ impl MapStore {
             }
             return Err(err);
         }
-        self.shared().queue.submit(Job::Commit(CommitJob {
+        Ok(PreparedCommit(Job::Commit(CommitJob {
             table: self.table.clone(),
             key: key.into(),
             token,
@@ -632,8 +658,7 @@ impl MapStore {
             hold_on_failure: options.hold_lock_on_failure,
             durable: self.handle.durable,
             done,
-        }));
-        Ok(())
+        })))
     }
 
     // ---- reads ----
