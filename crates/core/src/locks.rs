@@ -341,6 +341,23 @@ mod tests {
     }
 
     #[test]
+    fn a_million_keys_locked_and_released_leave_an_empty_table() {
+        let table = LockTable::new();
+        let grants: Vec<_> = (0..1_000_000)
+            .map(|i| {
+                let key = format!("key-{i}");
+                let grant = table.try_acquire(&key, 1).unwrap();
+                (key, grant.token)
+            })
+            .collect();
+        assert_eq!(table.counts().held, 1_000_000);
+        for (key, token) in grants {
+            table.release(&key, token, false).unwrap();
+        }
+        assert_eq!(table.counts(), LockCounts::default());
+    }
+
+    #[test]
     fn threads_contending_for_one_key_never_overlap() {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         use std::sync::Arc;
