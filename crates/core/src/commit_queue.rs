@@ -14,7 +14,7 @@ use redb::{Durability, TableDefinition};
 
 use crate::error::{from_redb, Error, Result};
 use crate::locks::LockToken;
-use crate::store::{TableState, META_TABLE};
+use crate::store::{StoreFile, TableState, META_TABLE};
 
 /// Called exactly once with the outcome of one commit.
 pub type CommitCallback = Box<dyn FnOnce(Result<()>) + Send>;
@@ -74,14 +74,14 @@ pub(crate) struct CommitQueue {
 }
 
 impl CommitQueue {
-    pub fn start(db: Arc<redb::Database>, path: String) -> Result<Self> {
+    pub fn start(file: Arc<StoreFile>) -> Result<Self> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(CommitStats::default());
         let writer = Writer {
-            db,
-            path,
+            file,
             stats: stats.clone(),
             unsynced: 0,
+            broken: false,
         };
         let thread = std::thread::Builder::new()
             .name("kvstore-writer".into())
@@ -110,11 +110,12 @@ impl CommitQueue {
 }
 
 struct Writer {
-    db: Arc<redb::Database>,
-    path: String,
+    file: Arc<StoreFile>,
     stats: Arc<CommitStats>,
     /// Non-durable transactions committed since the last durable one.
     unsynced: u32,
+    /// The last write failed: redb refuses further writes until the file is reopened.
+    broken: bool,
 }
 
 impl Writer {
@@ -154,6 +155,21 @@ impl Writer {
 
     /// Writes one batch and settles it. Returns follow-up jobs (further key leases).
     fn commit_batch(&mut self, jobs: Vec<Job>) -> Vec<Job> {
+        if self.broken {
+            match self.file.recover() {
+                Ok(()) => {
+                    self.broken = false;
+                    self.unsynced = 0;
+                }
+                Err(err) => {
+                    self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                    for job in jobs {
+                        fail_job(job, &err);
+                    }
+                    return Vec::new();
+                }
+            }
+        }
         let durable = self.unsynced >= MAX_UNSYNCED_BATCHES
             || jobs.iter().any(|j| match j {
                 Job::Commit(c) => c.durable,
@@ -179,6 +195,7 @@ impl Writer {
                 jobs.into_iter().filter_map(settle_success).collect()
             }
             Err(err) => {
+                self.broken = true;
                 self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
                 for job in jobs {
                     fail_job(job, &err);
@@ -189,9 +206,10 @@ impl Writer {
     }
 
     fn write(&self, jobs: &[Job], durable: bool) -> Result<()> {
-        let path = self.path.as_str();
+        let path = self.file.path();
         let redb_err = |e: redb::Error| from_redb(path, e);
-        let mut txn = self.db.begin_write().map_err(|e| redb_err(e.into()))?;
+        let db = self.file.db()?;
+        let mut txn = db.begin_write().map_err(|e| redb_err(e.into()))?;
         txn.set_durability(if durable {
             Durability::Immediate
         } else {

@@ -134,14 +134,30 @@ impl TableState {
     }
 }
 
+/// The open file: the redb instance and the tables' shared state. The writer holds it too, so
+/// it can reopen the file after a failed write (redb refuses all writes after an I/O error).
+pub(crate) struct StoreFile {
+    path: String,
+    location: PathBuf,
+    page_cache_bytes: usize,
+    /// Taken out when the last handle closes, so the file lock goes even while stray handles
+    /// (dropped later by a garbage collector) still point here; swapped on recovery.
+    db: RwLock<Option<Arc<redb::Database>>>,
+    tables: Mutex<HashMap<String, Arc<TableState>>>,
+}
+
 /// The per-file core shared by every handle in the process.
 pub(crate) struct Shared {
-    path: String,
-    /// Taken out when the last handle closes, so the file lock goes even while stray handles
-    /// (dropped later by a garbage collector) still point here.
-    db: RwLock<Option<Arc<redb::Database>>>,
+    file: Arc<StoreFile>,
     queue: CommitQueue,
-    tables: Mutex<HashMap<String, Arc<TableState>>>,
+}
+
+impl std::ops::Deref for Shared {
+    type Target = StoreFile;
+
+    fn deref(&self) -> &StoreFile {
+        &self.file
+    }
 }
 
 struct Registered {
@@ -192,32 +208,54 @@ fn open_error(path: &str, err: redb::DatabaseError) -> Error {
     }
 }
 
-impl Shared {
-    fn open(path: &Path, options: &DatabaseOptions) -> Result<Shared> {
-        let shown = path.display().to_string();
-        let mut builder = redb::Database::builder();
-        builder.set_cache_size(options.page_cache_bytes);
-        // redb can panic on some damaged files instead of returning an error.
-        let db = catch_unwind(AssertUnwindSafe(|| builder.create(path)))
-            .map_err(|_| Error::DatabaseCorrupt {
-                path: shown.clone(),
-                detail: "the file could not be read as a redb database".into(),
-            })?
-            .map_err(|e| open_error(&shown, e))?;
-        let db = Arc::new(db);
-        check_format(&db, &shown)?;
-        let queue = CommitQueue::start(db.clone(), shown.clone())?;
-        Ok(Shared {
-            path: shown,
-            db: RwLock::new(Some(db)),
-            queue,
-            tables: Mutex::new(HashMap::new()),
+fn open_redb(location: &Path, path: &str, page_cache_bytes: usize) -> Result<redb::Database> {
+    let mut builder = redb::Database::builder();
+    builder.set_cache_size(page_cache_bytes);
+    // redb can panic on some damaged files instead of returning an error.
+    catch_unwind(AssertUnwindSafe(|| builder.create(location)))
+        .map_err(|_| Error::DatabaseCorrupt {
+            path: path.to_string(),
+            detail: "the file could not be read as a redb database".into(),
+        })?
+        .map_err(|e| open_error(path, e))
+}
+
+impl StoreFile {
+    pub(crate) fn db(&self) -> Result<Arc<redb::Database>> {
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        db.clone().ok_or_else(|| Error::Io {
+            errno: None,
+            message: format!(
+                "'{}' could not be reopened after a failed write; it will be retried",
+                self.path
+            ),
         })
     }
 
-    fn db(&self) -> Result<Arc<redb::Database>> {
-        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
-        db.clone().ok_or(Error::StoreClosed)
+    /// Lets go of the redb instance (and every snapshot of it) and opens the file afresh.
+    /// Readers wait on the lock meanwhile. Fails if something still holds the old instance
+    /// (a walk in progress); the next batch tries again.
+    pub(crate) fn recover(&self) -> Result<()> {
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        for table in self.tables() {
+            table.cache.forget_snapshot();
+        }
+        drop(slot.take());
+        let db = open_redb(&self.location, &self.path, self.page_cache_bytes)?;
+        *slot = Some(Arc::new(db));
+        Ok(())
+    }
+
+    /// Closes the file for good (last handle gone).
+    fn release(&self) {
+        for table in self.tables() {
+            table.cache.forget_snapshot();
+        }
+        self.db.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    pub(crate) fn path(&self) -> &str {
+        &self.path
     }
 
     fn redb_err(&self, err: impl Into<redb::Error>) -> Error {
@@ -286,6 +324,23 @@ impl Shared {
     fn tables(&self) -> Vec<Arc<TableState>> {
         let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         tables.values().cloned().collect()
+    }
+}
+
+impl Shared {
+    fn open(location: &Path, options: &DatabaseOptions) -> Result<Shared> {
+        let path = location.display().to_string();
+        let db = Arc::new(open_redb(location, &path, options.page_cache_bytes)?);
+        check_format(&db, &path)?;
+        let file = Arc::new(StoreFile {
+            path,
+            location: location.to_path_buf(),
+            page_cache_bytes: options.page_cache_bytes,
+            db: RwLock::new(Some(db)),
+            tables: Mutex::new(HashMap::new()),
+        });
+        let queue = CommitQueue::start(file.clone())?;
+        Ok(Shared { file, queue })
     }
 
     /// Runs `f` once every job submitted before it has been settled.
@@ -367,14 +422,7 @@ impl Handle {
         };
         if last {
             self.shared.queue.shutdown();
-            for table in self.shared.tables() {
-                table.cache.forget_snapshot();
-            }
-            self.shared
-                .db
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
+            self.shared.release();
         }
     }
 }

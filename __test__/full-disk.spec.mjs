@@ -1,0 +1,57 @@
+import test from 'ava'
+import { execFileSync } from 'node:child_process'
+import { rmSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { kv, tempDir } from './helpers.mjs'
+
+// A real full disk: a 4 MiB tmpfs. Mounting needs root (CI runs as root).
+const root = process.getuid?.() === 0
+const maybe = root ? test : test.skip
+
+maybe('a full disk rejects the commit with IoError ENOSPC, loses nothing, and the store recovers when space returns', async (t) => {
+  const dir = tempDir(t)
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', dir])
+  t.teardown(() => execFileSync('umount', ['-l', dir]))
+  const ballast = join(dir, 'ballast')
+  writeFileSync(ballast, Buffer.alloc(1 << 20, 1))
+  const path = join(dir, 'full.redb')
+  const store = await kv.MapStore.open(path, { codec: kv.codecs.raw })
+  const value = Buffer.alloc(32 * 1024, 7)
+  const committed = []
+  let failure
+  for (let i = 0; i < 1000 && failure === undefined; i++) {
+    const lock = await store.createAndLockEntry(`k${i}`, { value })
+    try {
+      await lock.commit()
+      committed.push(`k${i}`)
+    } catch (err) {
+      failure = err
+    }
+  }
+  t.truthy(failure, 'the disk filled up')
+  t.true(failure instanceof kv.IoError)
+  t.is(failure.code, 'ERR_IO')
+  t.is(failure.systemCode, 'ENOSPC')
+  t.is(failure.errno, 28)
+  t.true(committed.length > 10)
+  t.is(store.stats().locksHeld, 0, 'the failed commit released its lock')
+
+  // Still full: commits keep failing cleanly, the queue is not wedged.
+  const again = await store.createAndLockEntry('again', { value })
+  await t.throwsAsync(again.commit(), { code: 'ERR_IO' })
+
+  // Space returns: the next commit goes through.
+  rmSync(ballast)
+  const after = await store.createAndLockEntry('after', { value: Buffer.from('small') })
+  await after.commit()
+  t.deepEqual(store.getEntry('after').value, Buffer.from('small'))
+  for (const key of committed) t.deepEqual(store.getEntry(key)?.value, value, key)
+  await store.close()
+
+  const reopened = await kv.MapStore.open(path, { codec: kv.codecs.raw })
+  t.is(reopened.count(), committed.length + 1)
+  for (const key of committed) t.deepEqual(reopened.getEntry(key)?.value, value, key)
+  t.is(reopened.getEntry(`k${committed.length}`), undefined, 'the failed commit left nothing behind')
+  await reopened.close()
+  t.true(await kv.Database.checkIntegrity(path))
+})
