@@ -19,6 +19,12 @@ export declare class NativeDatabase {
   get path(): string
   /** Queues the commits made since the last flush, as one unit (call once per JS turn). */
   flush(): void
+  /** A consistent copy of the whole file at `dest`, made on a thread of its own. */
+  backup(dest: string): Promise<void>
+  /** Compacts the file after the commits queued so far; true if space was reclaimed. */
+  compact(): Promise<boolean>
+  /** The maps of this file with the codec each was created with. */
+  tables(): Array<NativeTableInfo>
   /** Waits for this handle's commits in flight, then releases its locks and waiters. */
   close(): void
 }
@@ -109,4 +115,9 @@ export interface NativeStats {
   batches: number
   failedBatches: number
   largestBatch: number
+}
+
+export interface NativeTableInfo {
+  name: string
+  codec: string
 }

@@ -61,6 +61,12 @@ pub struct NativeOpenOptions {
 }
 
 #[napi(object)]
+pub struct NativeTableInfo {
+    pub name: String,
+    pub codec: String,
+}
+
+#[napi(object)]
 pub struct NativeMapOptions {
     pub codec: String,
     pub cache_capacity: Option<f64>,
@@ -151,6 +157,52 @@ impl NativeDatabase {
     #[napi]
     pub fn flush(&self) {
         flush_pending(&self.db, &self.pending);
+    }
+
+    /// A consistent copy of the whole file at `dest`, made on a thread of its own.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn backup(&self, env: Env, dest: String) -> Result<PromiseRaw<'static, ()>> {
+        let (deferred, raw) = self.mailbox.promise(&env)?;
+        let db = self.db.clone();
+        let mailbox = self.mailbox.clone();
+        std::thread::Builder::new()
+            .name("kvstore-backup".into())
+            .spawn(move || mailbox.post(Settlement::Committed(deferred, db.backup(&dest))))
+            .map_err(|e| Error::from_reason(e.to_string()))?;
+        Ok(PromiseRaw::new(env.raw(), raw))
+    }
+
+    /// Compacts the file after the commits queued so far; true if space was reclaimed.
+    #[napi(ts_return_type = "Promise<boolean>")]
+    pub fn compact(&self, env: Env) -> Result<PromiseRaw<'static, bool>> {
+        flush_pending(&self.db, &self.pending);
+        let (deferred, raw) = self.mailbox.promise(&env)?;
+        let mailbox = self.mailbox.clone();
+        let slot = Arc::new(Mutex::new(Some(deferred)));
+        let taken = slot.clone();
+        let queued = self.db.compact_with(Box::new(move |outcome| {
+            if let Some(deferred) = taken.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                mailbox.post(Settlement::Flag(deferred, outcome));
+            }
+        }));
+        if let Err(err) = queued {
+            if let Some(deferred) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                self.mailbox.post(Settlement::Flag(deferred, Err(err)));
+            }
+        }
+        Ok(PromiseRaw::new(env.raw(), raw))
+    }
+
+    /// The maps of this file with the codec each was created with.
+    #[napi]
+    pub fn tables(&self) -> Result<Vec<NativeTableInfo>> {
+        Ok(self
+            .db
+            .tables()
+            .or_js()?
+            .into_iter()
+            .map(|(name, codec)| NativeTableInfo { name, codec })
+            .collect())
     }
 
     /// Waits for this handle's commits in flight, then releases its locks and waiters.
@@ -336,7 +388,7 @@ impl NativeMapStore {
         // A commit refused before queueing (released lock, bad options) rejects the same way.
         let mailbox = self.mailbox.clone();
         let (deferred, raw) = self.mailbox.promise(&env)?;
-        let slot = Arc::new(std::sync::Mutex::new(Some(deferred)));
+        let slot = Arc::new(Mutex::new(Some(deferred)));
         let taken = slot.clone();
         let prepared = self.map.prepare_commit(
             &key,

@@ -48,6 +48,7 @@ pub enum Settlement {
     Granted(Deferred, PendingGrant, LockMode),
     NotGranted(Deferred, kvstore_core::Error),
     Key(Deferred, kvstore_core::Result<String>),
+    Flag(Deferred, kvstore_core::Result<bool>),
 }
 
 #[derive(Default)]
@@ -238,6 +239,12 @@ unsafe fn settle(env: sys::napi_env, item: Settlement) {
             outcome
                 .map_err(js_error)
                 .and_then(|key| String::to_napi_value(env, key)),
+        ),
+        Settlement::Flag(d, outcome) => (
+            d,
+            outcome
+                .map_err(js_error)
+                .and_then(|flag| bool::to_napi_value(env, flag)),
         ),
     };
     match outcome {

@@ -1,6 +1,6 @@
 // A store file, opened once per process and shared by every handle and worker thread.
 import { checkCodec } from './codecs'
-import { native, StoreClosedError } from './errors'
+import { native, settled, StoreClosedError } from './errors'
 import { silentLogger, type Logger } from './logger'
 import { MapStore } from './map-store'
 import { binding, type NativeDatabase } from './native'
@@ -76,6 +76,31 @@ export class Database {
     })
     this.#stores.add(store as MapStore<unknown>)
     return store
+  }
+
+  /** The maps of this file and the codec each was created with. */
+  tables(): { name: string; codec: string }[] {
+    this.#checkOpen()
+    return native(() => this.#native.tables())
+  }
+
+  /**
+   * Writes a consistent copy of the whole file, as of one snapshot, to `destPath` (which must
+   * not exist). Commits go on meanwhile; the copy is renamed into place only when complete.
+   */
+  async backup(destPath: string): Promise<void> {
+    if (typeof destPath !== 'string') throw new TypeError(`destPath must be a string, got ${typeof destPath}`)
+    this.#checkOpen()
+    return settled(this.#native.backup(destPath))
+  }
+
+  /**
+   * Reclaims free space in the file once the commits queued so far are written; true if it
+   * compacted anything. Fails with InvalidArgumentError while a walk (getEntries) is open.
+   */
+  async compact(): Promise<boolean> {
+    this.#checkOpen()
+    return settled(this.#native.compact())
   }
 
   /** @internal A lock-wait ticket unique within this handle. */

@@ -314,6 +314,18 @@ export class MapStore<T = unknown> {
     return { ...s, commitsPerBatch: s.batches === 0 ? 0 : s.commits / s.batches, openSnapshots: this.#walks.size }
   }
 
+  // ---- maintenance (whole file) ----
+
+  /** See Database.backup: a consistent copy of the whole file while commits go on. */
+  backup(destPath: string): Promise<void> {
+    return this.#parts.database.backup(destPath)
+  }
+
+  /** See Database.compact. */
+  compact(): Promise<boolean> {
+    return this.#parts.database.compact()
+  }
+
   // ---- closing ----
 
   /** @internal Frees every snapshot still open. */

@@ -20,6 +20,7 @@ pub mod envelope;
 mod error;
 mod keys;
 mod locks;
+mod maintenance;
 mod range;
 mod sequence;
 mod store;

@@ -246,6 +246,15 @@ impl StoreFile {
         Ok(())
     }
 
+    /// Compacts the file; see [`crate::maintenance`]. Call on the writer, between batches.
+    pub(crate) fn compact(&self) -> Result<bool> {
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        for table in self.tables() {
+            table.cache.forget_snapshot();
+        }
+        crate::maintenance::compact(self, &mut slot)
+    }
+
     /// Closes the file for good (last handle gone).
     fn release(&self) {
         for table in self.tables() {
@@ -510,6 +519,40 @@ impl Database {
             return Err(Error::StoreClosed);
         }
         Ok(())
+    }
+
+    /// Writes a consistent copy of the whole file, as of one snapshot, to `dest` (which must not
+    /// exist). Commits go on meanwhile. Blocks the calling thread for the copy.
+    pub fn backup(&self, dest: impl AsRef<Path>) -> Result<()> {
+        self.check_open()?;
+        crate::maintenance::backup(&self.handle.shared, dest.as_ref())
+    }
+
+    /// Compacts the file once the commits queued before are written; `done` hears whether
+    /// anything was reclaimed. Fails while a walk is open.
+    pub fn compact_with(&self, done: Box<dyn FnOnce(Result<bool>) + Send>) -> Result<()> {
+        self.check_open()?;
+        let file = self.handle.shared.file.clone();
+        self.handle
+            .shared
+            .queue
+            .submit(Job::Barrier(Box::new(move || done(file.compact()))));
+        Ok(())
+    }
+
+    /// Blocking [`Database::compact_with`].
+    pub fn compact(&self) -> Result<bool> {
+        let (tx, rx) = mpsc::channel();
+        self.compact_with(Box::new(move |r| {
+            let _ = tx.send(r);
+        }))?;
+        rx.recv().map_err(|_| Error::StoreClosed)?
+    }
+
+    /// The maps of this file and the codec each was created with.
+    pub fn tables(&self) -> Result<Vec<(String, String)>> {
+        self.check_open()?;
+        crate::maintenance::tables(&self.handle.shared)
     }
 
     /// Queues prepared commits (of any maps of this file) as one unit: they share a transaction.

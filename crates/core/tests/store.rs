@@ -417,3 +417,90 @@ fn reads_without_a_cache_always_see_the_last_commit() {
     assert!(value(&map, "k").is_none());
     assert!(!map.lock("k", LockMode::New, None).unwrap().existed());
 }
+
+#[test]
+fn backup_under_concurrent_writes_is_one_consistent_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::open(dir.path().join("live.redb"), DatabaseOptions::default()).unwrap();
+    let map = db.map_store("pairs", MapOptions::default()).unwrap();
+    for i in 0..200 {
+        put(&map, &format!("filler-{i:03}"), &[1u8; 100]);
+    }
+    let writer = {
+        let db = db.clone();
+        let map = map.clone();
+        std::thread::spawn(move || {
+            for n in 1..300u32 {
+                let g = map
+                    .lock(&format!("more-{n:03}"), LockMode::New, None)
+                    .unwrap();
+                g.commit(envelope::encode(&[], &n.to_le_bytes())).unwrap();
+            }
+            drop(db);
+        })
+    };
+    let dest = dir.path().join("copy.redb");
+    db.backup(&dest).unwrap();
+    writer.join().unwrap();
+    assert_eq!(
+        db.backup(&dest).unwrap_err().code(),
+        ErrorCode::InvalidArgument,
+        "never overwrites"
+    );
+
+    let copy = Database::open(&dest, DatabaseOptions::default()).unwrap();
+    let copied = copy.map_store("pairs", MapOptions::default()).unwrap();
+    assert_eq!(
+        copied
+            .count(&RangeOptions {
+                prefix: Some("filler-".into()),
+                ..Default::default()
+            })
+            .unwrap(),
+        200
+    );
+    let more = copied
+        .count(&RangeOptions {
+            prefix: Some("more-".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    // The copy holds a prefix of the concurrent writes, in commit order.
+    let keys: Vec<String> = copied
+        .range(&RangeOptions {
+            prefix: Some("more-".into()),
+            ..Default::default()
+        })
+        .unwrap()
+        .map(|e| e.unwrap().key().to_string())
+        .collect();
+    assert_eq!(
+        keys,
+        (1..=more as u32)
+            .map(|n| format!("more-{n:03}"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        copy.tables().unwrap(),
+        vec![("pairs".to_string(), "raw".to_string())]
+    );
+}
+
+#[test]
+fn compact_waits_for_commits_and_refuses_while_a_walk_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, map) = open(&dir);
+    for i in 0..500 {
+        put(&map, &format!("k{i:04}"), &[9u8; 500]);
+    }
+    for i in 0..500 {
+        map.delete(&format!("k{i:04}")).unwrap();
+    }
+    let walk = map.range(&RangeOptions::default()).unwrap();
+    assert_eq!(db.compact().unwrap_err().code(), ErrorCode::InvalidArgument);
+    drop(walk);
+    db.compact().unwrap();
+    put(&map, "after", b"ok");
+    assert_eq!(value(&map, "after").unwrap(), b"ok");
+    assert_eq!(map.count(&RangeOptions::default()).unwrap(), 1);
+}
