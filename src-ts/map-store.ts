@@ -35,19 +35,13 @@ export interface StoredEntry<T> {
   metadata: Metadata
 }
 
-export interface Stats {
-  entries: number
-  fileBytes: number
-  cacheHits: number
-  cacheMisses: number
-  cacheEntries: number
-  locksHeld: number
-  locksWaiting: number
-  /** Commits written, and the write transactions (fsyncs when durable) that carried them. */
-  commits: number
-  batches: number
-  failedBatches: number
-  largestBatch: number
+/**
+ * entries, fileBytes, cacheHits/cacheMisses/cacheEntries, locksHeld/locksWaiting, and commits
+ * with the write transactions (fsyncs when durable) that carried them: batches, failedBatches,
+ * largestBatch.
+ */
+export type Stats = NativeStats & {
+  /** Commits per write transaction: how many commits shared each fsync. */
   commitsPerBatch: number
   /** Walks of this handle whose snapshot is still open. */
   openSnapshots: number

@@ -155,6 +155,19 @@ impl Writer {
 
     /// Writes one batch and settles it. Returns follow-up jobs (further key leases).
     fn commit_batch(&mut self, jobs: Vec<Job>) -> Vec<Job> {
+        // A commit whose lock was taken from it meanwhile (its handle closed) fails alone.
+        let (jobs, stale): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|job| match job {
+            Job::Commit(c) => c.table.locks.holds(&c.key, c.token),
+            _ => true,
+        });
+        for job in stale {
+            if let Job::Commit(c) = &job {
+                let err = Error::LockReleased {
+                    key: c.key.to_string(),
+                };
+                fail_job(job, &err);
+            }
+        }
         if self.broken {
             match self.file.recover() {
                 Ok(()) => {
@@ -304,7 +317,8 @@ fn settle_success(job: Job) -> Option<Job> {
     }
 }
 
-fn fail_job(job: Job, err: &Error) {
+/// Settles a job that will not be written, with `err`.
+pub(crate) fn fail_job(job: Job, err: &Error) {
     match job {
         Job::Commit(c) => {
             if !c.hold_on_failure {

@@ -24,6 +24,7 @@ mod maintenance;
 mod range;
 mod sequence;
 mod store;
+pub mod typed;
 
 pub use cache::CacheCounts;
 pub use commit_queue::{Change, CommitCallback};

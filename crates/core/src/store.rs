@@ -558,9 +558,15 @@ impl Database {
     /// Queues prepared commits (of any maps of this file) as one unit: they share a transaction.
     pub fn submit(&self, commits: Vec<PreparedCommit>) {
         let jobs: Vec<Job> = commits.into_iter().map(|c| c.0).collect();
-        if !jobs.is_empty() {
-            self.handle.shared.queue.submit(Job::Many(jobs));
+        if jobs.is_empty() {
+            return;
         }
+        if self.is_closed() {
+            // Closing released this handle's locks; these commits may no longer write.
+            crate::commit_queue::fail_job(Job::Many(jobs), &Error::StoreClosed);
+            return;
+        }
+        self.handle.shared.queue.submit(Job::Many(jobs));
     }
 }
 

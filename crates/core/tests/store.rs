@@ -504,3 +504,52 @@ fn compact_waits_for_commits_and_refuses_while_a_walk_is_open() {
     assert_eq!(value(&map, "after").unwrap(), b"ok");
     assert_eq!(map.count(&RangeOptions::default()).unwrap(), 1);
 }
+
+#[test]
+fn a_prepared_commit_whose_lock_was_lost_never_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.redb");
+    let a = Database::open(&path, DatabaseOptions::default()).unwrap();
+    let b = Database::open(&path, DatabaseOptions::default()).unwrap();
+    let ma = a.map_store("m", MapOptions::default()).unwrap();
+    let mb = b.map_store("m", MapOptions::default()).unwrap();
+    let outcome = |prepared_by: &MapStore, token| {
+        let (tx, rx) = mpsc::channel();
+        let prepared = prepared_by
+            .prepare_commit(
+                "k",
+                token,
+                kvstore_core::Change::Put(envelope::encode(&[], b"stale").into()),
+                CommitOptions::default(),
+                Box::new(move |r| tx.send(r).unwrap()),
+            )
+            .unwrap();
+        (prepared, rx)
+    };
+
+    // Released by hand before the prepared commit is queued: the writer refuses it.
+    let guard = ma.lock("k", LockMode::New, None).unwrap();
+    let (prepared, rx) = outcome(&ma, guard.token());
+    ma.release("k", guard.token()).unwrap();
+    std::mem::forget(guard);
+    put(&mb, "k", b"fresh");
+    a.submit(vec![prepared]);
+    assert_eq!(
+        rx.recv().unwrap().unwrap_err().code(),
+        ErrorCode::LockReleased
+    );
+    assert_eq!(value(&mb, "k").unwrap(), b"fresh");
+
+    // Its handle closed (releasing its locks) before it was queued: refused as well.
+    let guard = ma.lock("k", LockMode::Existing, None).unwrap();
+    let (prepared, rx) = outcome(&ma, guard.token());
+    std::mem::forget(guard);
+    a.close();
+    put(&mb, "k", b"newer");
+    a.submit(vec![prepared]);
+    assert_eq!(
+        rx.recv().unwrap().unwrap_err().code(),
+        ErrorCode::StoreClosed
+    );
+    assert_eq!(value(&mb, "k").unwrap(), b"newer");
+}
