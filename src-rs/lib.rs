@@ -514,7 +514,11 @@ const BATCH_BYTES: usize = 1 << 20;
 impl NativeRange {
     /// Up to `max_items` entries, or null at the end (the snapshot is then freed).
     #[napi]
-    pub fn next_batch(&mut self, max_items: u32) -> Result<Option<Buffer>> {
+    pub fn next_batch<'env>(
+        &mut self,
+        env: &'env Env,
+        max_items: u32,
+    ) -> Result<Option<BufferSlice<'env>>> {
         let Some(inner) = self.inner.as_mut() else {
             return Ok(None);
         };
@@ -546,7 +550,9 @@ impl NativeRange {
         if count == 0 {
             return Ok(None);
         }
-        Ok(Some(Buffer::from(out)))
+        // A copy into memory V8 manages: an external buffer is invisible to the garbage
+        // collector's accounting, so a long walk would pile up batches before any GC ran.
+        Ok(Some(BufferSlice::copy_from(env, &out)?))
     }
 
     /// Frees the snapshot now rather than at garbage collection.
