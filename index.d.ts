@@ -16,6 +16,11 @@ export declare class NativeDatabase {
    */
   static open(path: string, options: NativeOpenOptions): NativeDatabase
   mapStore(name: string, options: NativeMapOptions): NativeMapStore
+  /**
+   * Milliseconds redb spent repairing the file when this handle opened it after an unclean
+   * shutdown; null when no repair was needed (or another handle had it open already).
+   */
+  get repairMs(): number | null
   get path(): string
   /** Queues the commits made since the last flush, as one unit (call once per JS turn). */
   flush(): void

@@ -148,6 +148,13 @@ impl NativeDatabase {
         })
     }
 
+    /// Milliseconds redb spent repairing the file when this handle opened it after an unclean
+    /// shutdown; null when no repair was needed (or another handle had it open already).
+    #[napi(getter)]
+    pub fn repair_ms(&self) -> Option<f64> {
+        self.db.repaired().map(|d| d.as_secs_f64() * 1000.0)
+    }
+
     #[napi(getter)]
     pub fn path(&self) -> String {
         self.db.path().display().to_string()

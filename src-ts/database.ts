@@ -38,6 +38,10 @@ export class Database {
     if (typeof path !== 'string') throw new TypeError(`path must be a string, got ${typeof path}`)
     const { durable, pageCacheBytes } = checkDatabaseOptions(options)
     const handle = native(() => binding.NativeDatabase.open(path, { durable, pageCacheBytes }))
+    const repairMs = handle.repairMs
+    if (repairMs !== null && repairMs !== undefined) {
+      options.logger?.warn(`kvstore: '${handle.path}' was not closed cleanly; redb repaired it in ${repairMs.toFixed(1)} ms`)
+    }
     return new Database(handle, options, onClose)
   }
 
@@ -73,6 +77,8 @@ export class Database {
       codec,
       logger,
       lockTimeoutMs: checkTimeout('lockTimeoutMs', options.lockTimeoutMs) ?? this.#options.lockTimeoutMs ?? Infinity,
+      slowCommitMs: checkTimeout('slowCommitMs', options.slowCommitMs) ?? this.#options.slowCommitMs ?? 1000,
+      slowLockWaitMs: checkTimeout('slowLockWaitMs', options.slowLockWaitMs) ?? this.#options.slowLockWaitMs ?? 1000,
     })
     this.#stores.add(store as MapStore<unknown>)
     return store

@@ -28,6 +28,8 @@ export interface LockContext {
   isClosed(): boolean
   /** A native commit was prepared; it is queued at the end of this turn. */
   commitPrepared(): void
+  /** Commits slower than this (ms) are logged. */
+  readonly slowCommitMs: number
 }
 
 interface LockState {
@@ -144,9 +146,12 @@ export class EntryLock<T> {
         }
       }
       const { key, token } = this.#state
+      const started = performance.now()
       const written = this.#context.native.commit(key, token, record, flags)
       this.#context.commitPrepared()
       await written
+      const took = performance.now() - started
+      if (took >= this.#context.slowCommitMs) this.#context.logger.warn(`kvstore: the commit of '${key}' took ${took.toFixed(1)} ms`)
       if (!updateOnly) this.#die()
     } catch (err) {
       const typed = fromNative(err)

@@ -62,6 +62,8 @@ export interface MapStoreParts<T> {
   codec: Codec<T>
   logger: Logger
   lockTimeoutMs: number
+  slowCommitMs: number
+  slowLockWaitMs: number
   ownsDatabase?: boolean
 }
 
@@ -90,6 +92,7 @@ export class MapStore<T = unknown> {
       logger: parts.logger,
       isClosed: () => this.closed,
       commitPrepared: () => parts.database.commitPrepared(),
+      slowCommitMs: parts.slowCommitMs,
     }
     this.#rangeContext = {
       native: parts.native,
@@ -179,8 +182,12 @@ export class MapStore<T = unknown> {
       store.cancelWait(key, ticket, 'abort')
     }
     signal?.addEventListener('abort', onAbort, { once: true })
+    const started = performance.now()
     try {
-      return await settled(locked)
+      const granted = await settled(locked)
+      const waited = performance.now() - started
+      if (waited >= this.#parts.slowLockWaitMs) this.#parts.logger.warn(`kvstore: waited ${waited.toFixed(1)} ms for the lock on '${key}'`)
+      return granted
     } catch (err) {
       if (err instanceof AbortError && signal?.aborted) throw new AbortError(undefined, { cause: signal.reason })
       throw err

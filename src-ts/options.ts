@@ -14,6 +14,10 @@ export interface DatabaseOptions {
   lockTimeoutMs?: number
   /** Receives warnings such as a lock handle collected while held. Silent by default. */
   logger?: Logger
+  /** A commit that takes this long (ms) is logged as slow (default 1000). */
+  slowCommitMs?: number
+  /** A lock wait that takes this long (ms) is logged (default 1000). */
+  slowLockWaitMs?: number
 }
 
 export interface KeyOptions {
@@ -33,6 +37,8 @@ export interface MapStoreOptions<T> {
   keys?: KeyOptions
   lockTimeoutMs?: number
   logger?: Logger
+  slowCommitMs?: number
+  slowLockWaitMs?: number
 }
 
 export interface OpenOptions<T> extends DatabaseOptions, MapStoreOptions<T> {
@@ -76,6 +82,8 @@ export function checkDatabaseOptions(options: DatabaseOptions): { durable: boole
   const { durability = 'immediate' } = options
   if (durability !== 'immediate' && durability !== 'none') invalid('durability', durability, "'immediate' or 'none'")
   checkTimeout('lockTimeoutMs', options.lockTimeoutMs)
+  checkTimeout('slowCommitMs', options.slowCommitMs)
+  checkTimeout('slowLockWaitMs', options.slowLockWaitMs)
   checkLogger(options.logger)
   return { durable: durability === 'immediate', pageCacheBytes: integer('pageCacheBytes', options.pageCacheBytes, 1 << 20) }
 }
@@ -90,6 +98,8 @@ export function checkMapOptions<T>(options: MapStoreOptions<T>): { cacheCapacity
   checkObject('options', options)
   checkObject('keys', options.keys)
   checkTimeout('lockTimeoutMs', options.lockTimeoutMs)
+  checkTimeout('slowCommitMs', options.slowCommitMs)
+  checkTimeout('slowLockWaitMs', options.slowLockWaitMs)
   checkLogger(options.logger)
   const keys = options.keys ?? {}
   if (keys.base !== undefined && keys.base !== 10 && keys.base !== 36) invalid('keys.base', keys.base, '10 or 36')

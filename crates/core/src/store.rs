@@ -150,6 +150,8 @@ pub(crate) struct StoreFile {
 pub(crate) struct Shared {
     file: Arc<StoreFile>,
     queue: CommitQueue,
+    /// How long redb spent repairing the file at open, after an unclean shutdown.
+    repaired: Option<Duration>,
 }
 
 impl std::ops::Deref for Shared {
@@ -208,16 +210,30 @@ fn open_error(path: &str, err: redb::DatabaseError) -> Error {
     }
 }
 
-fn open_redb(location: &Path, path: &str, page_cache_bytes: usize) -> Result<redb::Database> {
+/// Opens (or creates) the redb file. Returns how long redb spent repairing it, when it was not
+/// closed cleanly (a crash); redb also reports "repair" progress for a brand-new file, which
+/// does not count.
+fn open_redb(
+    location: &Path,
+    path: &str,
+    page_cache_bytes: usize,
+) -> Result<(redb::Database, Option<Duration>)> {
+    let existed = std::fs::metadata(location).is_ok_and(|m| m.len() > 0);
+    let repairing = Arc::new(AtomicBool::new(false));
     let mut builder = redb::Database::builder();
     builder.set_cache_size(page_cache_bytes);
+    let seen = repairing.clone();
+    builder.set_repair_callback(move |_| seen.store(true, Ordering::Relaxed));
+    let started = std::time::Instant::now();
     // redb can panic on some damaged files instead of returning an error.
-    catch_unwind(AssertUnwindSafe(|| builder.create(location)))
+    let db = catch_unwind(AssertUnwindSafe(|| builder.create(location)))
         .map_err(|_| Error::DatabaseCorrupt {
             path: path.to_string(),
             detail: "the file could not be read as a redb database".into(),
         })?
-        .map_err(|e| open_error(path, e))
+        .map_err(|e| open_error(path, e))?;
+    let repaired = (existed && repairing.load(Ordering::Relaxed)).then(|| started.elapsed());
+    Ok((db, repaired))
 }
 
 impl StoreFile {
@@ -241,7 +257,7 @@ impl StoreFile {
             table.cache.forget_snapshot();
         }
         drop(slot.take());
-        let db = open_redb(&self.location, &self.path, self.page_cache_bytes)?;
+        let (db, _) = open_redb(&self.location, &self.path, self.page_cache_bytes)?;
         *slot = Some(Arc::new(db));
         Ok(())
     }
@@ -339,7 +355,8 @@ impl StoreFile {
 impl Shared {
     fn open(location: &Path, options: &DatabaseOptions) -> Result<Shared> {
         let path = location.display().to_string();
-        let db = Arc::new(open_redb(location, &path, options.page_cache_bytes)?);
+        let (db, repaired) = open_redb(location, &path, options.page_cache_bytes)?;
+        let db = Arc::new(db);
         check_format(&db, &path)?;
         let file = Arc::new(StoreFile {
             path,
@@ -349,7 +366,11 @@ impl Shared {
             tables: Mutex::new(HashMap::new()),
         });
         let queue = CommitQueue::start(file.clone())?;
-        Ok(Shared { file, queue })
+        Ok(Shared {
+            file,
+            queue,
+            repaired,
+        })
     }
 
     /// Runs `f` once every job submitted before it has been settled.
@@ -403,6 +424,8 @@ struct Handle {
     owner: OwnerId,
     durable: bool,
     closed: AtomicBool,
+    /// This handle's open found the file closed and opened it (rather than joining a core).
+    opened_file: bool,
 }
 
 impl Handle {
@@ -452,6 +475,7 @@ impl Database {
     /// Opens (creating if needed) the file, or joins the core already open in this process.
     pub fn open(path: impl AsRef<Path>, options: DatabaseOptions) -> Result<Database> {
         let key = normalize(path.as_ref())?;
+        let mut opened_file = false;
         let shared = {
             let mut registry = registry();
             match registry.get_mut(&key) {
@@ -460,6 +484,7 @@ impl Database {
                     entry.shared.clone()
                 }
                 None => {
+                    opened_file = true;
                     let shared = Arc::new(Shared::open(&key, &options)?);
                     registry.insert(
                         key.clone(),
@@ -479,8 +504,19 @@ impl Database {
                 owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
                 durable: options.durable,
                 closed: AtomicBool::new(false),
+                opened_file,
             }),
         })
+    }
+
+    /// When this handle opened the file and redb had to repair it first (the last process
+    /// using it did not close it cleanly): how long the repair took.
+    pub fn repaired(&self) -> Option<Duration> {
+        if self.handle.opened_file {
+            self.handle.shared.repaired
+        } else {
+            None
+        }
     }
 
     pub fn map_store(&self, name: &str, options: MapOptions) -> Result<MapStore> {
