@@ -1,0 +1,25 @@
+import test from 'ava'
+import { execFile } from 'node:child_process'
+import { promisify } from 'node:util'
+
+const run = promisify(execFile)
+const example = (name) => new URL(`../examples/${name}`, import.meta.url).pathname
+
+test('the demo runs the main job end to end', async (t) => {
+  const { stdout } = await run(process.execPath, [example('demo.mjs')])
+  t.regex(stdout, /again\s+ERR_ENTRY_EXISTS/)
+  t.regex(stdout, /after\s+ERR_ENTRY_RELEASED/)
+  t.regex(stdout, /counter\s+32/)
+})
+
+test('the job tracker keeps one job per path across its two maps', async (t) => {
+  const { stdout } = await run(process.execPath, [example('job-tracker.mjs')])
+  t.is((stdout.match(/refused: already tracked by job/g) ?? []).length, 1)
+  t.is((stdout.match(/ DONE 100 /g) ?? []).length, 3)
+  t.regex(stdout, /paths still tracked: 0/)
+})
+
+test('the worker pool runs every job exactly once', async (t) => {
+  const { stdout } = await run(process.execPath, [example('worker-pool.mjs')])
+  t.regex(stdout, /every one of 200 jobs ran exactly once/)
+})
