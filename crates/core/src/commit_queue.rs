@@ -67,6 +67,16 @@ pub struct CommitStats {
     pub largest_batch: AtomicU64,
 }
 
+thread_local! {
+    static ON_WRITER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the current thread is a writer. Code that waits for the writer (a barrier) must not
+/// run there: the last handle of a store can be dropped on the writer, inside a callback.
+pub(crate) fn on_writer_thread() -> bool {
+    ON_WRITER.with(|on| on.get())
+}
+
 pub(crate) struct CommitQueue {
     tx: mpsc::Sender<Job>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -102,6 +112,10 @@ impl CommitQueue {
     /// Lets the writer finish what is queued, make it durable, and stop.
     pub fn shutdown(&self) {
         let _ = self.tx.send(Job::Shutdown);
+        if on_writer_thread() {
+            // The writer stops by itself after the shutdown job; it cannot join itself.
+            return;
+        }
         let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(thread) = thread {
             let _ = thread.join();
@@ -120,6 +134,7 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
+        ON_WRITER.with(|on| on.set(true));
         let mut carry: Vec<Job> = Vec::new();
         let mut stopping = false;
         while !stopping {

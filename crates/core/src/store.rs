@@ -373,8 +373,12 @@ impl Shared {
         })
     }
 
-    /// Runs `f` once every job submitted before it has been settled.
+    /// Returns once every job submitted before has been settled (at once on the writer itself,
+    /// where waiting would never end).
     fn barrier(&self) {
+        if crate::commit_queue::on_writer_thread() {
+            return;
+        }
         let (tx, rx) = mpsc::channel();
         self.queue.submit(Job::Barrier(Box::new(move || {
             let _ = tx.send(());
