@@ -110,3 +110,12 @@ test('a table with an unknown codec is dumped and loaded as base64', async (t) =
   t.is(copy.getEntry('k').value, 'hello')
   await copy.close()
 })
+
+test('dump shows progress on a terminal, and only there', async (t) => {
+  const path = await seeded(t)
+  // `script` gives the command a pseudo-terminal, as an interactive shell would.
+  const { stdout } = await exec('script', ['-qec', `${process.execPath} ${cli} dump ${path} --table jobs > /dev/null`, '/dev/null'])
+  t.regex(stdout, /dumped 30 entries/)
+  const piped = await kvstore(['dump', path, '--table', 'jobs'])
+  t.false(piped.stderr.includes('dumped'))
+})

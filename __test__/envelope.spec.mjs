@@ -17,7 +17,29 @@ for (const v of vectors) {
 }
 
 test('a damaged envelope is a CodecError naming the key', (t) => {
-  for (const bad of ['', '02', '01', '010105']) {
+  for (const bad of ['', '02', '01', '010105', '018000']) {
     t.throws(() => decodeRecord('the-key', Buffer.from(bad, 'hex')), { code: 'ERR_CODEC', message: /the-key/ })
+  }
+})
+
+test('any bytes decode to a record or a CodecError, never anything else (seeded)', (t) => {
+  let state = 0x2545f491
+  const next = () => {
+    state ^= state << 13
+    state ^= state >>> 17
+    state ^= state << 5
+    return state >>> 0
+  }
+  const valid = encodeRecord('k', { path: '/x', é: 'ü' }, Buffer.from('value'))
+  for (let round = 0; round < 20_000; round++) {
+    const bytes = round % 2 === 0 ? Buffer.from(valid) : Buffer.from(Array.from({ length: next() % 48 }, () => next() & 0xff))
+    for (let m = next() % 4; m > 0 && bytes.length > 0; m--) bytes[next() % bytes.length] = next() & 0xff
+    try {
+      const { metadata, value } = decodeRecord('k', bytes)
+      t.is(typeof metadata, 'object')
+      t.true(Buffer.isBuffer(value))
+    } catch (err) {
+      if (err.code !== 'ERR_CODEC') t.fail(`unexpected ${err.name}: ${err.message}`)
+    }
   }
 })

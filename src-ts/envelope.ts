@@ -83,7 +83,7 @@ export function readEnvelope(key: string, bytes: Buffer, start: number, end: num
       if (at >= end) fail('truncated')
       const b = bytes[at++]
       n += (b & 0x7f) * scale
-      if ((b & 0x80) === 0) return n
+      if ((b & 0x80) === 0) return b === 0 && i > 0 ? fail('non-minimal length') : n
       scale *= 128
     }
     return fail('overlong length')
