@@ -10,7 +10,7 @@ import { Database } from './database'
 import { EntryLock, type Entry, type LockContext } from './entry-lock'
 import { checkRangeOptions, EntryRange, type RangeContext, type RangeOptions } from './entry-range'
 import { decodeRecord, readEnvelope, type Metadata } from './envelope'
-import { AbortError, InvalidArgumentError, native, settled, StoreClosedError } from './errors'
+import { AbortError, fromNative, InvalidArgumentError, native, settled, StoreClosedError } from './errors'
 import type { Logger } from './logger'
 import type { NativeLocked, NativeMapStore, NativeRange, NativeStats } from './native'
 import { checkObject, checkTimeout, type OpenOptions } from './options'
@@ -284,16 +284,25 @@ export class MapStore<T = unknown> {
   getEntry(key: string): StoredEntry<T> | undefined {
     checkKey(key)
     this.#checkOpen()
-    let length = native(() => this.#parts.native.getInto(key, this.#readBuffer))
-    if (length < 0) return undefined
+    let length = this.#readInto(key)
     if (length > this.#readBuffer.length) {
       this.#readBuffer = Buffer.allocUnsafeSlow(Math.max(length, 2 * this.#readBuffer.length))
-      length = native(() => this.#parts.native.getInto(key, this.#readBuffer))
-      if (length < 0) return undefined
+      length = this.#readInto(key)
     }
+    if (length < 0) return undefined
+    const buffer = this.#readBuffer
     // The codec must not keep views into the shared buffer (msgpack copies bin values; raw copies).
-    const { metadata, valueStart } = readEnvelope(key, this.#readBuffer, 0, length)
-    return { key, value: decodeValue(this.#parts.codec, key, this.#readBuffer.subarray(valueStart, length)), metadata }
+    const { metadata, valueStart } = readEnvelope(key, buffer, 0, length)
+    return { key, value: decodeValue(this.#parts.codec, key, buffer.subarray(valueStart, length)), metadata }
+  }
+
+  /** Copies `key`'s committed record into the read buffer; its length, or -1 if absent. */
+  #readInto(key: string): number {
+    try {
+      return this.#parts.native.getInto(key, this.#readBuffer)
+    } catch (err) {
+      throw fromNative(err)
+    }
   }
 
   /** A walk over one snapshot of committed entries, in byte-wise key order. */
