@@ -42,7 +42,7 @@ struct LockState {
     tickets: HashMap<(OwnerId, u64), Box<str>>,
 }
 
-/// Outcome of [`LockTable::acquire`].
+/// Outcome of asking for a lock ([`MapStore::acquire`](crate::MapStore::acquire)).
 pub enum Acquire {
     Granted(Grant),
     Queued,
