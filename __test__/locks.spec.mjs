@@ -303,3 +303,32 @@ test('two handles on one file in one thread share the same locks and commits', a
   next.release()
   t.is(b.getEntry('k').value, 2)
 })
+
+test('issue: a lock released after its view closed is freed in the core (other views are not left waiting)', async (t) => {
+  const { join } = await import('node:path')
+  const { tempDir } = await import('./helpers.mjs')
+  const db = await kv.Database.open(join(tempDir(t), 'views.redb'))
+  t.teardown(() => db.close())
+  const a = db.mapStore('m')
+  const b = db.mapStore('m')
+  await put(b, 'k', 1)
+  const held = await a.getAndLockEntry('k')
+  await a.close()
+  held.release()
+  const next = await b.getAndLockEntry('k', { timeoutMs: 60_000 })
+  t.is(next.entry.value, 1)
+  next.release()
+  t.is(b.stats().locksHeld, 0)
+})
+
+test('issue: release() while a commit is in flight is refused, so the key never passes on before the write', async (t) => {
+  const store = await tempStore(t)
+  await put(store, 'k', 1)
+  const lock = await store.getAndLockEntry('k')
+  lock.entry.value = 2
+  const committing = lock.commit()
+  t.throws(() => lock.release(), { instanceOf: kv.InvalidArgumentError })
+  await committing
+  t.is(store.getEntry('k').value, 2)
+  t.is(store.stats().locksHeld, 0)
+})

@@ -61,3 +61,15 @@ test('tables() lists every map with its codec', async (t) => {
     { name: 'paths', codec: 'json' },
   ])
 })
+
+test('issue: a backup in flight when the store closes still settles', async (t) => {
+  const dir = tempDir(t)
+  const store = await kv.MapStore.open(join(dir, 'closing.redb'))
+  for (let i = 0; i < 200; i++) await put(store, `k${i}`, { i })
+  const backup = store.backup(join(dir, 'copy.redb'))
+  await store.close()
+  await backup
+  const copy = await kv.MapStore.open(join(dir, 'copy.redb'))
+  t.is(copy.count(), 200)
+  await copy.close()
+})

@@ -169,12 +169,13 @@ impl NativeDatabase {
     /// A consistent copy of the whole file at `dest`, made on a thread of its own.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn backup(&self, env: Env, dest: String) -> Result<PromiseRaw<'static, ()>> {
+        // The snapshot is taken now, so closing the store meanwhile does not stop the copy.
+        let backup = self.db.begin_backup(&dest).or_js()?;
         let (deferred, raw) = self.mailbox.promise(&env)?;
-        let db = self.db.clone();
         let mailbox = self.mailbox.clone();
         std::thread::Builder::new()
             .name("kvstore-backup".into())
-            .spawn(move || mailbox.post(Settlement::Committed(deferred, db.backup(&dest))))
+            .spawn(move || mailbox.post(Settlement::Committed(deferred, backup.run())))
             .map_err(|e| Error::from_reason(e.to_string()))?;
         Ok(PromiseRaw::new(env.raw(), raw))
     }

@@ -54,6 +54,9 @@ pub enum Settlement {
 #[derive(Default)]
 struct Queue {
     items: Vec<Settlement>,
+    /// The handle closed: no new promises; the thread-safe function goes once all settled.
+    closing: bool,
+    /// The thread-safe function is released (or its JS thread is gone): nothing is delivered.
     closed: bool,
 }
 
@@ -119,6 +122,9 @@ impl Mailbox {
 
     /// JS thread: a new promise to be settled through this mailbox.
     pub fn promise(&self, env: &Env) -> Result<(Deferred, sys::napi_value)> {
+        if self.queue().closing {
+            return Err(js_error(kvstore_core::Error::StoreClosed));
+        }
         let mut deferred = ptr::null_mut();
         let mut promise = ptr::null_mut();
         // SAFETY: N-API call on the current JS thread.
@@ -136,85 +142,93 @@ impl Mailbox {
         Ok((Deferred(deferred), promise))
     }
 
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Any thread: queue a settlement; wake the JS thread if it is not already due to drain.
     pub fn post(&self, settlement: Settlement) {
-        let ring = {
-            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let dropped = {
+            let mut queue = self.queue();
             if queue.closed {
-                None
+                // Dropped outside the lock: a PendingGrant releases its lock on drop.
+                vec![settlement]
             } else {
                 let ring = queue.items.is_empty();
                 queue.items.push(settlement);
-                Some(ring)
-            }
-        };
-        match ring {
-            // Dropped outside the lock: a PendingGrant releases its lock on drop.
-            None => {}
-            Some(false) => {}
-            Some(true) => {
-                // SAFETY: calling a live thread-safe function from any thread.
-                let status = unsafe {
-                    sys::napi_call_threadsafe_function(
-                        self.tsfn(),
-                        ptr::null_mut(),
-                        sys::ThreadsafeFunctionCallMode::nonblocking,
-                    )
-                };
-                if status != sys::Status::napi_ok {
-                    self.abandon();
+                // Called under the lock, so `close`/`finalize` cannot free the function between
+                // the check above and this call. Non-blocking: it only queues a wake-up.
+                // SAFETY: the function is live while `closed` is false.
+                let failed = ring
+                    && unsafe {
+                        sys::napi_call_threadsafe_function(
+                            self.tsfn(),
+                            ptr::null_mut(),
+                            sys::ThreadsafeFunctionCallMode::nonblocking,
+                        )
+                    } != sys::Status::napi_ok;
+                if failed {
+                    // The JS thread is going away: nothing more will be delivered.
+                    queue.closed = true;
+                    std::mem::take(&mut queue.items)
+                } else {
+                    Vec::new()
                 }
             }
-        }
+        };
+        drop(dropped);
     }
 
     /// The JS thread is gone: nothing more will be delivered; queued grants are released.
     fn abandon(&self) {
         let items = {
-            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            let mut queue = self.queue();
             queue.closed = true;
             std::mem::take(&mut queue.items)
         };
         drop(items);
     }
 
-    /// JS thread: settle everything queued.
+    /// JS thread: settle everything queued; once closing and nothing is outstanding, let go of
+    /// the thread-safe function.
     pub fn drain(&self, env: sys::napi_env) {
-        let items = {
-            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            std::mem::take(&mut queue.items)
-        };
-        if items.is_empty() {
-            return;
-        }
+        let items = std::mem::take(&mut self.queue().items);
         let settled = items.len() as u32;
         for item in items {
             // SAFETY: `env` is the JS thread that made each deferred.
             unsafe { settle(env, item) };
         }
-        if self.pending.fetch_sub(settled, Ordering::Relaxed) == settled {
-            // SAFETY: JS thread; nothing outstanding, let the loop exit.
-            unsafe { sys::napi_unref_threadsafe_function(env, self.tsfn()) };
+        let outstanding = if settled > 0 {
+            let left = self.pending.fetch_sub(settled, Ordering::Relaxed) - settled;
+            if left == 0 {
+                // SAFETY: JS thread; nothing outstanding, let the loop exit.
+                unsafe { sys::napi_unref_threadsafe_function(env, self.tsfn()) };
+            }
+            left
+        } else {
+            self.pending.load(Ordering::Relaxed)
+        };
+        if outstanding == 0 {
+            let mut queue = self.queue();
+            if queue.closing && !queue.closed && queue.items.is_empty() {
+                queue.closed = true;
+                // SAFETY: releases the one thread count taken at creation, under the lock that
+                // posters check; `finalize` runs later.
+                unsafe {
+                    sys::napi_release_threadsafe_function(
+                        self.tsfn(),
+                        sys::ThreadsafeFunctionReleaseMode::release,
+                    )
+                };
+            }
         }
     }
 
-    /// JS thread, at close: deliver what is queued now, then stop.
+    /// JS thread, at close: deliver what is queued now; promises still outstanding (a backup,
+    /// a lock handed over at this moment) are settled when they come, then the mailbox stops.
     pub fn close(&self, env: &Env) {
+        self.queue().closing = true;
         self.drain(env.raw());
-        let tsfn = self.tsfn();
-        let already = {
-            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            std::mem::replace(&mut queue.closed, true)
-        };
-        if !already && !tsfn.is_null() {
-            // SAFETY: releases the one thread count taken at creation; `finalize` runs later.
-            unsafe {
-                sys::napi_release_threadsafe_function(
-                    tsfn,
-                    sys::ThreadsafeFunctionReleaseMode::release,
-                )
-            };
-        }
     }
 }
 

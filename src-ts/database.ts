@@ -97,7 +97,7 @@ export class Database {
   async backup(destPath: string): Promise<void> {
     if (typeof destPath !== 'string') throw new TypeError(`destPath must be a string, got ${typeof destPath}`)
     this.#checkOpen()
-    return settled(this.#native.backup(destPath))
+    return settled(native(() => this.#native.backup(destPath)))
   }
 
   /**
@@ -106,7 +106,7 @@ export class Database {
    */
   async compact(): Promise<boolean> {
     this.#checkOpen()
-    return settled(this.#native.compact())
+    return settled(native(() => this.#native.compact()))
   }
 
   /** @internal A lock-wait ticket unique within this handle. */

@@ -40,15 +40,23 @@ interface LockState {
 
 // A handle dropped while still held would block its key forever: release it and say so.
 const abandoned = new FinalizationRegistry<{ state: LockState; context: LockContext }>(({ state, context }) => {
-  if (!state.held || context.isClosed()) return
+  if (!state.held) return
   state.held = false
+  freeLock(context, state)
+  context.logger.warn(`kvstore: the lock on '${state.key}' was garbage-collected while held; it has been released`)
+})
+
+/**
+ * Lets the core drop the lock. Also when this view of the store is closed: the core's handle
+ * may still be open (a `db.mapStore()` view closes alone), and only the core can free the key.
+ */
+function freeLock(context: LockContext, state: LockState): void {
   try {
     context.native.release(state.key, state.token)
   } catch {
-    // Already gone (the store closed meanwhile); nothing to free.
+    // The core released it already (its handle closed); there is nothing left to free.
   }
-  context.logger.warn(`kvstore: the lock on '${state.key}' was garbage-collected while held; it has been released`)
-})
+}
 
 export class Entry<T> {
   #lock: EntryLock<T>
@@ -123,7 +131,7 @@ export class EntryLock<T> {
   async #commit(options: CommitOptions): Promise<void> {
     if (!this.#state.held) throw new LockReleasedError(`the lock on '${this.key}' was already released`)
     if (this.#context.isClosed()) {
-      this.#die()
+      this.release()
       throw new StoreClosedError('the store is closed')
     }
     if (typeof options !== 'object' || options === null) throw new InvalidArgumentError('commit options must be an object')
@@ -141,7 +149,8 @@ export class EntryLock<T> {
           const bytes = encodeValue(this.#context.codec as Codec<T>, this.key, this.entry.value)
           record = encodeRecord(this.key, this.entry.metadata, bytes)
         } catch (err) {
-          if (!holdLockOnFailure) this.release()
+          // Nothing reached the core: free the lock here, unless the caller keeps it to retry.
+          if (!holdLockOnFailure) this.#free()
           throw err
         }
       }
@@ -163,15 +172,18 @@ export class EntryLock<T> {
     }
   }
 
-  /** Drops the lock without writing; changes to the entry are discarded. Idempotent. */
+  /**
+   * Drops the lock without writing; changes to the entry are discarded. Idempotent. Not while a
+   * commit is in flight: the key would pass on before that write lands.
+   */
   release = (): void => {
     if (!this.#state.held) return
+    if (this.#committing) throw new InvalidArgumentError(`a commit of '${this.key}' is in flight; await it before releasing`)
+    this.#free()
+  }
+
+  #free(): void {
     this.#die()
-    if (this.#context.isClosed()) return
-    try {
-      this.#context.native.release(this.#state.key, this.#state.token)
-    } catch {
-      // The store released it already (closed under us); the handle is dead either way.
-    }
+    freeLock(this.#context, this.#state)
   }
 }

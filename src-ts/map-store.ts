@@ -285,7 +285,8 @@ export class MapStore<T = unknown> {
     checkKey(key)
     this.#checkOpen()
     let length = this.#readInto(key)
-    if (length > this.#readBuffer.length) {
+    // The record may grow between two reads (another thread commits): read until it fits.
+    while (length > this.#readBuffer.length) {
       this.#readBuffer = Buffer.allocUnsafeSlow(Math.max(length, 2 * this.#readBuffer.length))
       length = this.#readInto(key)
     }

@@ -162,6 +162,10 @@ impl Writer {
                 carry = self.commit_batch(jobs);
             }
         }
+        // Follow-ups still due at shutdown (a lease): their waiters hear that the store closed.
+        for job in carry {
+            fail_job(job, &Error::StoreClosed);
+        }
         if self.unsynced > 0 {
             // Durability 'none' commits reach the disk at close at the latest.
             let _ = self.write(&[], true);
@@ -220,7 +224,18 @@ impl Writer {
                 self.stats
                     .largest_batch
                     .fetch_max(commits, Ordering::Relaxed);
-                jobs.into_iter().filter_map(settle_success).collect()
+                let (barriers, jobs): (Vec<Job>, Vec<Job>) =
+                    jobs.into_iter().partition(|j| matches!(j, Job::Barrier(_)));
+                let mut carry: Vec<Job> = jobs.into_iter().filter_map(settle_success).collect();
+                if carry.is_empty() {
+                    for barrier in barriers {
+                        settle_success(barrier);
+                    }
+                } else {
+                    // A follow-up lease still serves waiters of this batch: barriers wait for it.
+                    carry.extend(barriers);
+                }
+                carry
             }
             Err(err) => {
                 self.broken = true;

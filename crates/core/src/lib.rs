@@ -21,6 +21,7 @@ mod error;
 mod keys;
 mod locks;
 mod maintenance;
+pub use maintenance::Backup;
 mod range;
 mod sequence;
 mod store;

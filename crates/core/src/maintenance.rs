@@ -1,7 +1,7 @@
 //! Whole-file operations: a consistent backup while commits go on, compaction, and the list
 //! of maps with their codecs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
@@ -13,69 +13,92 @@ use crate::store::{StoreFile, META_TABLE};
 /// transaction in memory.
 const BACKUP_CHUNK: usize = 10_000;
 
-/// Copies every table of one read snapshot into a new file at `dest`. Writers are not held up
-/// (MVCC); the copy is written next to `dest` and renamed into place only when complete.
-pub(crate) fn backup(file: &StoreFile, dest: &Path) -> Result<()> {
+/// A backup whose snapshot is taken: [`Backup::run`] copies it, on any thread, even if the
+/// store closes meanwhile.
+pub struct Backup {
+    snapshot: redb::ReadTransaction,
+    source: String,
+    dest: PathBuf,
+}
+
+/// Takes the snapshot a backup will copy. Writers are not held up (MVCC).
+pub(crate) fn begin_backup(file: &StoreFile, dest: &Path) -> Result<Backup> {
     if dest.exists() {
         return Err(Error::invalid(format!(
             "backup destination '{}' already exists",
             dest.display()
         )));
     }
-    let partial = dest.with_extension("partial");
-    let shown = dest.display().to_string();
-    let result = copy_snapshot(file, &partial, &shown);
-    match result {
-        Ok(()) => std::fs::rename(&partial, dest).map_err(Error::from),
-        Err(err) => {
-            let _ = std::fs::remove_file(&partial);
-            Err(err)
-        }
-    }
+    let snapshot = file
+        .db()?
+        .begin_read()
+        .map_err(|e| from_redb(file.path(), e.into()))?;
+    Ok(Backup {
+        snapshot,
+        source: file.path().to_string(),
+        dest: dest.to_path_buf(),
+    })
 }
 
-fn copy_snapshot(file: &StoreFile, partial: &Path, shown: &str) -> Result<()> {
-    let source_err = |e: redb::Error| from_redb(file.path(), e);
-    let target_err = |e: redb::Error| from_redb(shown, e);
-    let snapshot = file.db()?.begin_read().map_err(|e| source_err(e.into()))?;
-    let target = redb::Database::create(partial).map_err(|e| target_err(e.into()))?;
-    let names: Vec<String> = snapshot
-        .list_tables()
-        .map_err(|e| source_err(e.into()))?
-        .map(|t| t.name().to_string())
-        .collect();
-    for name in names {
-        let definition = TableDefinition::<&str, &[u8]>::new(&name);
-        let source = snapshot
-            .open_table(definition)
-            .map_err(|e| source_err(e.into()))?;
-        let mut entries = source.iter().map_err(|e| source_err(e.into()))?.peekable();
-        loop {
-            let mut txn = target.begin_write().map_err(|e| target_err(e.into()))?;
-            txn.set_durability(redb::Durability::None)
-                .map_err(|e| target_err(e.into()))?;
-            {
-                // Opening the table creates it even when the source table is empty.
-                let mut table = txn
-                    .open_table(definition)
-                    .map_err(|e| target_err(e.into()))?;
-                for _ in 0..BACKUP_CHUNK {
-                    let Some(item) = entries.next() else { break };
-                    let (key, value) = item.map_err(|e| source_err(e.into()))?;
-                    table
-                        .insert(key.value(), value.value())
-                        .map_err(|e| target_err(e.into()))?;
-                }
-            }
-            txn.commit().map_err(|e| target_err(e.into()))?;
-            if entries.peek().is_none() {
-                break;
+impl Backup {
+    /// Copies every table of the snapshot into a new file, written next to the destination and
+    /// renamed into place only when complete.
+    pub fn run(self) -> Result<()> {
+        let partial = self.dest.with_extension("partial");
+        match self.copy(&partial) {
+            Ok(()) => std::fs::rename(&partial, &self.dest).map_err(Error::from),
+            Err(err) => {
+                let _ = std::fs::remove_file(&partial);
+                Err(err)
             }
         }
     }
-    // One durable commit makes everything above durable.
-    let txn = target.begin_write().map_err(|e| target_err(e.into()))?;
-    txn.commit().map_err(|e| target_err(e.into()))
+
+    fn copy(&self, partial: &Path) -> Result<()> {
+        let shown = self.dest.display().to_string();
+        let source_err = |e: redb::Error| from_redb(&self.source, e);
+        let target_err = |e: redb::Error| from_redb(&shown, e);
+        let target = redb::Database::create(partial).map_err(|e| target_err(e.into()))?;
+        let names: Vec<String> = self
+            .snapshot
+            .list_tables()
+            .map_err(|e| source_err(e.into()))?
+            .map(|t| t.name().to_string())
+            .collect();
+        for name in names {
+            let definition = TableDefinition::<&str, &[u8]>::new(&name);
+            let source = self
+                .snapshot
+                .open_table(definition)
+                .map_err(|e| source_err(e.into()))?;
+            let mut entries = source.iter().map_err(|e| source_err(e.into()))?.peekable();
+            loop {
+                let mut txn = target.begin_write().map_err(|e| target_err(e.into()))?;
+                txn.set_durability(redb::Durability::None)
+                    .map_err(|e| target_err(e.into()))?;
+                {
+                    // Opening the table creates it even when the source table is empty.
+                    let mut table = txn
+                        .open_table(definition)
+                        .map_err(|e| target_err(e.into()))?;
+                    for _ in 0..BACKUP_CHUNK {
+                        let Some(item) = entries.next() else { break };
+                        let (key, value) = item.map_err(|e| source_err(e.into()))?;
+                        table
+                            .insert(key.value(), value.value())
+                            .map_err(|e| target_err(e.into()))?;
+                    }
+                }
+                txn.commit().map_err(|e| target_err(e.into()))?;
+                if entries.peek().is_none() {
+                    break;
+                }
+            }
+        }
+        // One durable commit makes everything above durable.
+        let txn = target.begin_write().map_err(|e| target_err(e.into()))?;
+        txn.commit().map_err(|e| target_err(e.into()))
+    }
 }
 
 /// The maps of a file and the codec each was created with, from the bookkeeping table.

@@ -252,8 +252,10 @@ impl StoreFile {
     /// Readers wait on the lock meanwhile. Fails if something still holds the old instance
     /// (a walk in progress); the next batch tries again.
     pub(crate) fn recover(&self) -> Result<()> {
+        // `tables` before `db`: table() takes them in that order.
+        let tables = self.tables();
         let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
-        for table in self.tables() {
+        for table in tables {
             table.cache.forget_snapshot();
         }
         drop(slot.take());
@@ -264,8 +266,10 @@ impl StoreFile {
 
     /// Compacts the file; see [`crate::maintenance`]. Call on the writer, between batches.
     pub(crate) fn compact(&self) -> Result<bool> {
+        // `tables` before `db`: table() takes them in that order.
+        let tables = self.tables();
         let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
-        for table in self.tables() {
+        for table in tables {
             table.cache.forget_snapshot();
         }
         crate::maintenance::compact(self, &mut slot)
@@ -564,8 +568,13 @@ impl Database {
     /// Writes a consistent copy of the whole file, as of one snapshot, to `dest` (which must not
     /// exist). Commits go on meanwhile. Blocks the calling thread for the copy.
     pub fn backup(&self, dest: impl AsRef<Path>) -> Result<()> {
+        self.begin_backup(dest)?.run()
+    }
+
+    /// Takes the snapshot for a backup now; run the copy later, on any thread.
+    pub fn begin_backup(&self, dest: impl AsRef<Path>) -> Result<crate::maintenance::Backup> {
         self.check_open()?;
-        crate::maintenance::backup(&self.handle.shared, dest.as_ref())
+        crate::maintenance::begin_backup(&self.handle.shared, dest.as_ref())
     }
 
     /// Compacts the file once the commits queued before are written; `done` hears whether
