@@ -103,6 +103,7 @@ impl NativeDatabase {
                     .page_cache_bytes
                     .map_or(defaults.page_cache_bytes, |b| b as usize),
                 durable: options.durable.unwrap_or(defaults.durable),
+                backend: None,
             },
         )
         .or_js()?;

@@ -101,6 +101,19 @@ impl<S: Clone> EntryCache<S> {
         }
     }
 
+    /// Forgets every entry: after a failed write whose outcome is unknown (a failed fsync may
+    /// still have landed), only the file can say what is committed.
+    pub fn clear(&self) {
+        let mut state = self.state();
+        state.generation += 1;
+        let stale = state.snapshot.take();
+        if let Some(entries) = state.entries.as_mut() {
+            entries.clear();
+        }
+        drop(state);
+        drop(stale);
+    }
+
     /// Lets go of the kept snapshot (at close, so the file is not held open).
     pub fn forget_snapshot(&self) {
         let stale = self.state().snapshot.take();

@@ -35,6 +35,7 @@ pub use keys::{validate_key, KeyFormat, MAX_KEY_BYTES};
 pub use locks::{Acquire, Grant, GrantCallback, LockCounts, LockToken, OwnerId};
 pub use range::{EntryRange, RangeOptions, RawEntry};
 pub use store::{
-    check_integrity, CommitOptions, Database, DatabaseOptions, EntryGuard, LockMode, LockedEntry,
-    MapOptions, MapStats, MapStore, NextKey, PreparedCommit, FORMAT_VERSION, MAX_RECORD_BYTES,
+    check_integrity, Backend, CommitOptions, Database, DatabaseOptions, EntryGuard, LockMode,
+    LockedEntry, MapOptions, MapStats, MapStore, NextKey, PreparedCommit, FORMAT_VERSION,
+    MAX_RECORD_BYTES,
 };

@@ -34,6 +34,8 @@ pub struct DatabaseOptions {
     pub page_cache_bytes: usize,
     /// fsync before a commit is acknowledged (`durability: 'immediate'`).
     pub durable: bool,
+    /// Where the bytes go; the plain file when `None`. Used again to reopen after a failed write.
+    pub backend: Option<Backend>,
 }
 
 impl Default for DatabaseOptions {
@@ -41,7 +43,47 @@ impl Default for DatabaseOptions {
         DatabaseOptions {
             page_cache_bytes: 64 << 20,
             durable: true,
+            backend: None,
         }
+    }
+}
+
+/// Opens the storage for a file path.
+pub type MakeBackend =
+    dyn Fn(&Path) -> std::io::Result<Box<dyn redb::StorageBackend>> + Send + Sync;
+
+/// Makes the storage backend for a file (e.g. one that injects faults, for tests).
+#[derive(Clone)]
+pub struct Backend(pub Arc<MakeBackend>);
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Backend(..)")
+    }
+}
+
+/// A boxed backend as redb wants it (a sized type).
+#[derive(Debug)]
+struct BoxedBackend(Box<dyn redb::StorageBackend>);
+
+impl redb::StorageBackend for BoxedBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.0.close()
     }
 }
 
@@ -140,6 +182,9 @@ pub(crate) struct StoreFile {
     path: String,
     location: PathBuf,
     page_cache_bytes: usize,
+    backend: Option<Backend>,
+    /// The last handle closed: the file is not to be reopened.
+    released: AtomicBool,
     /// Taken out when the last handle closes, so the file lock goes even while stray handles
     /// (dropped later by a garbage collector) still point here; swapped on recovery.
     db: RwLock<Option<Arc<redb::Database>>>,
@@ -217,6 +262,7 @@ fn open_redb(
     location: &Path,
     path: &str,
     page_cache_bytes: usize,
+    backend: Option<&Backend>,
 ) -> Result<(redb::Database, Option<Duration>)> {
     let existed = std::fs::metadata(location).is_ok_and(|m| m.len() > 0);
     let repairing = Arc::new(AtomicBool::new(false));
@@ -226,29 +272,49 @@ fn open_redb(
     builder.set_repair_callback(move |_| seen.store(true, Ordering::Relaxed));
     let started = std::time::Instant::now();
     // redb can panic on some damaged files instead of returning an error.
-    let db = catch_unwind(AssertUnwindSafe(|| builder.create(location)))
-        .map_err(|_| Error::DatabaseCorrupt {
-            path: path.to_string(),
-            detail: "the file could not be read as a redb database".into(),
-        })?
-        .map_err(|e| open_error(path, e))?;
+    let storage = backend
+        .map(|make| (make.0)(location).map(BoxedBackend))
+        .transpose()?;
+    let db = catch_unwind(AssertUnwindSafe(|| match storage {
+        Some(storage) => builder.create_with_backend(storage),
+        None => builder.create(location),
+    }))
+    .map_err(|_| Error::DatabaseCorrupt {
+        path: path.to_string(),
+        detail: "the file could not be read as a redb database".into(),
+    })?
+    .map_err(|e| open_error(path, e))?;
     let repaired = (existed && repairing.load(Ordering::Relaxed)).then(|| started.elapsed());
     Ok((db, repaired))
 }
 
 impl StoreFile {
     pub(crate) fn db(&self) -> Result<Arc<redb::Database>> {
-        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
-        db.clone().ok_or_else(|| Error::Io {
-            errno: None,
-            message: format!(
-                "'{}' could not be reopened after a failed write; it will be retried",
-                self.path
-            ),
-        })
+        if let Some(db) = self.db.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(db.clone());
+        }
+        if self.released.load(Ordering::SeqCst) {
+            return Err(Error::StoreClosed);
+        }
+        // A failed write took the instance out and reopening failed then (the fault was still
+        // there): any caller tries again, so reads recover as soon as the disk does.
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = slot.as_ref() {
+            return Ok(db.clone());
+        }
+        let (db, _) = open_redb(
+            &self.location,
+            &self.path,
+            self.page_cache_bytes,
+            self.backend.as_ref(),
+        )?;
+        let db = Arc::new(db);
+        *slot = Some(db.clone());
+        Ok(db)
     }
 
-    /// Lets go of the redb instance (and every snapshot of it) and opens the file afresh.
+    /// Lets go of the redb instance (and every snapshot and cached entry of it: the failed
+    /// batch may have landed after all) and opens the file afresh.
     /// Readers wait on the lock meanwhile. Fails if something still holds the old instance
     /// (a walk in progress); the next batch tries again.
     pub(crate) fn recover(&self) -> Result<()> {
@@ -256,10 +322,15 @@ impl StoreFile {
         let tables = self.tables();
         let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
         for table in tables {
-            table.cache.forget_snapshot();
+            table.cache.clear();
         }
         drop(slot.take());
-        let (db, _) = open_redb(&self.location, &self.path, self.page_cache_bytes)?;
+        let (db, _) = open_redb(
+            &self.location,
+            &self.path,
+            self.page_cache_bytes,
+            self.backend.as_ref(),
+        )?;
         *slot = Some(Arc::new(db));
         Ok(())
     }
@@ -277,6 +348,7 @@ impl StoreFile {
 
     /// Closes the file for good (last handle gone).
     fn release(&self) {
+        self.released.store(true, Ordering::SeqCst);
         for table in self.tables() {
             table.cache.forget_snapshot();
         }
@@ -359,13 +431,20 @@ impl StoreFile {
 impl Shared {
     fn open(location: &Path, options: &DatabaseOptions) -> Result<Shared> {
         let path = location.display().to_string();
-        let (db, repaired) = open_redb(location, &path, options.page_cache_bytes)?;
+        let (db, repaired) = open_redb(
+            location,
+            &path,
+            options.page_cache_bytes,
+            options.backend.as_ref(),
+        )?;
         let db = Arc::new(db);
         check_format(&db, &path)?;
         let file = Arc::new(StoreFile {
             path,
             location: location.to_path_buf(),
             page_cache_bytes: options.page_cache_bytes,
+            backend: options.backend.clone(),
+            released: AtomicBool::new(false),
             db: RwLock::new(Some(db)),
             tables: Mutex::new(HashMap::new()),
         });
