@@ -37,7 +37,8 @@ test('100 000 distinct keys locked and released: the lock table returns to zero'
   }
 })
 
-test('1 000 open/close cycles leak no file descriptors', async (t) => {
+// Serial: other tests of this file open descriptors (a worker thread) while they run.
+test.serial('1 000 open/close cycles leak no file descriptors', async (t) => {
   const path = join(tempDir(t), 'cycles.redb')
   const fds = () => readdirSync('/proc/self/fd').length
   const first = await kv.MapStore.open(path)
