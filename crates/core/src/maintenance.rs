@@ -17,6 +17,9 @@ const BACKUP_CHUNK: usize = 10_000;
 /// store closes meanwhile.
 pub struct Backup {
     snapshot: redb::ReadTransaction,
+    /// Keeps the instance open (declared after `snapshot`, so dropped after it): redb fails
+    /// reads of a dropped instance, and the store may close while the copy runs.
+    _db: Arc<redb::Database>,
     source: String,
     dest: PathBuf,
 }
@@ -29,12 +32,13 @@ pub(crate) fn begin_backup(file: &StoreFile, dest: &Path) -> Result<Backup> {
             dest.display()
         )));
     }
-    let snapshot = file
-        .db()?
+    let db = file.db()?;
+    let snapshot = db
         .begin_read()
         .map_err(|e| from_redb(file.path(), e.into()))?;
     Ok(Backup {
         snapshot,
+        _db: db,
         source: file.path().to_string(),
         dest: dest.to_path_buf(),
     })

@@ -553,3 +553,19 @@ fn a_prepared_commit_whose_lock_was_lost_never_writes() {
     );
     assert_eq!(value(&mb, "k").unwrap(), b"newer");
 }
+
+#[test]
+fn a_backup_begun_before_close_completes_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, map) = open(&dir);
+    for i in 0..50 {
+        put(&map, &format!("k{i:02}"), b"v");
+    }
+    let backup = db.begin_backup(dir.path().join("copy.redb")).unwrap();
+    db.close();
+    drop(map);
+    backup.run().unwrap();
+    let copy = Database::open(dir.path().join("copy.redb"), DatabaseOptions::default()).unwrap();
+    let copied = copy.map_store("jobs", MapOptions::default()).unwrap();
+    assert_eq!(copied.count(&RangeOptions::default()).unwrap(), 50);
+}
