@@ -302,21 +302,26 @@ impl StoreFile {
         if let Some(db) = slot.as_ref() {
             return Ok(db.clone());
         }
+        let db = self.reopen()?;
+        *slot = Some(db.clone());
+        Ok(db)
+    }
+
+    /// Opens the file again, as it was first opened.
+    fn reopen(&self) -> Result<Arc<redb::Database>> {
         let (db, _) = open_redb(
             &self.location,
             &self.path,
             self.page_cache_bytes,
             self.backend.as_ref(),
         )?;
-        let db = Arc::new(db);
-        *slot = Some(db.clone());
-        Ok(db)
+        Ok(Arc::new(db))
     }
 
     /// Lets go of the redb instance (and every snapshot and cached entry of it: the failed
     /// batch may have landed after all) and opens the file afresh.
-    /// Readers wait on the lock meanwhile. Fails if something still holds the old instance
-    /// (a walk in progress); the next batch tries again.
+    /// Readers wait on the lock meanwhile. If the reopen fails (the fault is still there, or a
+    /// walk still holds the old instance), the slot stays empty and the next caller tries again.
     pub(crate) fn recover(&self) -> Result<()> {
         // `tables` before `db`: table() takes them in that order.
         let tables = self.tables();
@@ -325,13 +330,7 @@ impl StoreFile {
             table.cache.clear();
         }
         drop(slot.take());
-        let (db, _) = open_redb(
-            &self.location,
-            &self.path,
-            self.page_cache_bytes,
-            self.backend.as_ref(),
-        )?;
-        *slot = Some(Arc::new(db));
+        *slot = Some(self.reopen()?);
         Ok(())
     }
 
