@@ -95,6 +95,25 @@ test('a garbage file is DatabaseCorruptError, not a crash', async (t) => {
   await t.throwsAsync(kv.MapStore.open(path), { instanceOf: kv.DatabaseCorruptError, code: 'ERR_DATABASE_CORRUPT' })
 })
 
+test('a torn store file (cut short) is DatabaseCorruptError on open, and the next open of a whole copy works', async (t) => {
+  const { readFileSync, writeFileSync } = await import('node:fs')
+  const path = join(tempDir(t), 'torn.redb')
+  const store = await kv.MapStore.open(path)
+  for (let i = 0; i < 500; i++) await put(store, `k${i}`, { i, pad: 'x'.repeat(100) })
+  await store.close()
+  const whole = readFileSync(path)
+  for (const cut of [100, 4096, whole.length >> 1, whole.length - 1]) {
+    writeFileSync(path, whole.subarray(0, cut))
+    const err = await t.throwsAsync(kv.MapStore.open(path), { instanceOf: kv.DatabaseCorruptError }, `cut to ${cut} bytes`)
+    t.true(err.message.includes(path))
+  }
+  writeFileSync(path, whole)
+  const again = await kv.MapStore.open(path)
+  t.is(again.count(), 500)
+  t.deepEqual(again.getEntry('k499').value, { i: 499, pad: 'x'.repeat(100) })
+  await again.close()
+})
+
 test('a missing directory is an IoError with the OS errno', async (t) => {
   const err = await t.throwsAsync(kv.MapStore.open(join(tempDir(t), 'no', 'such', 'dir.redb')), { instanceOf: kv.IoError })
   t.is(err.code, 'ERR_IO')

@@ -94,8 +94,39 @@ export interface RangeContext<T> {
   readonly codec: Codec<T>
   checkOpen(): void
   /** Walks still open are closed with the store. */
-  opened(range: NativeRange): void
-  finished(range: NativeRange): void
+  readonly walks: OpenWalks
+}
+
+/**
+ * The walks of a store whose snapshot is open, held weakly: an iterator dropped without `break`
+ * is garbage collected, and the native finalizer then frees its snapshot.
+ */
+export class OpenWalks {
+  #live = new Set<WeakRef<NativeRange>>()
+  #collected = new FinalizationRegistry<WeakRef<NativeRange>>((ref) => this.#live.delete(ref))
+
+  /** Returns the token to hand back to `finished`. */
+  opened(range: NativeRange): WeakRef<NativeRange> {
+    const ref = new WeakRef(range)
+    this.#live.add(ref)
+    this.#collected.register(range, ref, ref)
+    return ref
+  }
+
+  finished(ref: WeakRef<NativeRange>): void {
+    this.#live.delete(ref)
+    this.#collected.unregister(ref)
+  }
+
+  get size(): number {
+    return this.#live.size
+  }
+
+  /** Frees every snapshot still open (at close). */
+  closeAll(): void {
+    for (const ref of this.#live) ref.deref()?.close()
+    this.#live.clear()
+  }
 }
 
 /** One walk: the snapshot is taken at the first `next()` and freed at the end, on break or on dispose. */
@@ -103,6 +134,7 @@ class EntryWalk<T> implements Iterator<EntryItem<T>> {
   #context: RangeContext<T>
   #options: RangeOptions
   #range: NativeRange | undefined
+  #opened: WeakRef<NativeRange> | undefined
   #batch: Buffer | null = null
   #at = 0
   #batchSize = FIRST_BATCH
@@ -117,7 +149,7 @@ class EntryWalk<T> implements Iterator<EntryItem<T>> {
     if (this.#range === undefined) {
       this.#context.checkOpen()
       this.#range = native(() => this.#context.native.range(this.#options))
-      this.#context.opened(this.#range)
+      this.#opened = this.#context.walks.opened(this.#range)
     }
     const range = this.#range
     this.#batch = native(() => range.nextBatch(this.#batchSize))
@@ -150,7 +182,7 @@ class EntryWalk<T> implements Iterator<EntryItem<T>> {
     this.#batch = null
     if (this.#range !== undefined) {
       this.#range.close()
-      this.#context.finished(this.#range)
+      this.#context.walks.finished(this.#opened as WeakRef<NativeRange>)
       this.#range = undefined
     }
     return { done: true, value: undefined }

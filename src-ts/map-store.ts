@@ -8,11 +8,11 @@ import type { Codec } from './codecs'
 import { decodeValue } from './codecs'
 import { Database } from './database'
 import { EntryLock, type Entry, type LockContext } from './entry-lock'
-import { checkRangeOptions, EntryRange, type RangeContext, type RangeOptions } from './entry-range'
+import { checkRangeOptions, EntryRange, OpenWalks, type RangeContext, type RangeOptions } from './entry-range'
 import { decodeRecord, readEnvelope, type Metadata } from './envelope'
 import { AbortError, fromNative, InvalidArgumentError, native, settled, StoreClosedError } from './errors'
 import type { Logger } from './logger'
-import type { NativeLocked, NativeMapStore, NativeRange, NativeStats } from './native'
+import type { NativeLocked, NativeMapStore, NativeStats } from './native'
 import { checkObject, checkTimeout, type OpenOptions } from './options'
 
 export interface LockOptions {
@@ -77,7 +77,7 @@ function isPromise<T>(value: T | Promise<T>): value is Promise<T> {
 
 export class MapStore<T = unknown> {
   readonly #parts: MapStoreParts<T>
-  readonly #walks = new Set<NativeRange>()
+  readonly #walks = new OpenWalks()
   /** Reused for every getEntry: the native side copies the record here (see getInto). */
   #readBuffer = Buffer.allocUnsafeSlow(16 * 1024)
   readonly #lockContext: LockContext
@@ -98,8 +98,7 @@ export class MapStore<T = unknown> {
       native: parts.native,
       codec: parts.codec,
       checkOpen: () => this.#checkOpen(),
-      opened: (range) => this.#walks.add(range),
-      finished: (range) => this.#walks.delete(range),
+      walks: this.#walks,
     }
   }
 
@@ -341,8 +340,7 @@ export class MapStore<T = unknown> {
 
   /** @internal Frees every snapshot still open. */
   closeWalks(): void {
-    for (const range of this.#walks) range.close()
-    this.#walks.clear()
+    this.#walks.closeAll()
   }
 
   /**

@@ -187,6 +187,9 @@ impl Writer {
                 fail_job(job, &err);
             }
         }
+        if self.file.take_read_failure() {
+            self.broken = true;
+        }
         if self.broken {
             match self.file.recover() {
                 Ok(()) => {
@@ -209,10 +212,14 @@ impl Writer {
                 Job::Barrier(_) | Job::Many(_) | Job::Shutdown => false,
             });
         let outcome =
-            catch_unwind(AssertUnwindSafe(|| self.write(&jobs, durable))).unwrap_or_else(|_| {
-                Err(Error::Io {
-                    errno: None,
-                    message: "the writer panicked; the transaction was rolled back".into(),
+            catch_unwind(AssertUnwindSafe(|| self.write(&jobs, durable))).unwrap_or_else(|panic| {
+                // redb panics on some damaged pages instead of returning an error.
+                Err(Error::DatabaseCorrupt {
+                    path: self.file.path().to_string(),
+                    detail: format!(
+                        "the transaction was rolled back: redb failed on a damaged page: {}",
+                        crate::error::panic_message(&*panic)
+                    ),
                 })
             });
         let commits = jobs.iter().filter(|j| matches!(j, Job::Commit(_))).count() as u64;

@@ -1,7 +1,9 @@
 //! The one error type of the engine. Every variant has a stable [`ErrorCode`]; the Node binding
 //! passes the code through unchanged and the TypeScript layer maps it to an error class.
 
+use std::any::Any;
 use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// Stable, documented error codes. The TypeScript error classes are keyed by these strings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -167,11 +169,13 @@ impl From<std::io::Error> for Error {
 /// corruption becomes [`Error::DatabaseCorrupt`].
 pub(crate) fn from_storage(path: &str, err: redb::StorageError) -> Error {
     match err {
-        redb::StorageError::Io(io) => io.into(),
+        redb::StorageError::Io(io) => from_file_io(path, io),
         redb::StorageError::Corrupted(detail) => Error::DatabaseCorrupt {
             path: path.to_string(),
             detail,
         },
+        // The instance a snapshot belonged to was let go (closed, or swapped at recovery).
+        redb::StorageError::DatabaseClosed => Error::StoreClosed,
         other => Error::Io {
             errno: None,
             message: other.to_string(),
@@ -179,9 +183,21 @@ pub(crate) fn from_storage(path: &str, err: redb::StorageError) -> Error {
     }
 }
 
+/// A read past the end of the file means a page pointer points outside it: damage, not I/O.
+fn from_file_io(path: &str, io: std::io::Error) -> Error {
+    if io.kind() == std::io::ErrorKind::UnexpectedEof {
+        Error::DatabaseCorrupt {
+            path: path.to_string(),
+            detail: format!("a page lies beyond the end of the file ({io})"),
+        }
+    } else {
+        io.into()
+    }
+}
+
 pub(crate) fn from_redb(path: &str, err: redb::Error) -> Error {
     match err {
-        redb::Error::Io(io) => io.into(),
+        redb::Error::Io(io) => from_file_io(path, io),
         redb::Error::Corrupted(detail) => Error::DatabaseCorrupt {
             path: path.to_string(),
             detail,
@@ -189,9 +205,31 @@ pub(crate) fn from_redb(path: &str, err: redb::Error) -> Error {
         redb::Error::DatabaseAlreadyOpen => Error::DatabaseLocked {
             path: path.to_string(),
         },
+        redb::Error::DatabaseClosed => Error::StoreClosed,
         other => Error::Io {
             errno: None,
             message: other.to_string(),
         },
+    }
+}
+
+/// redb panics on some damaged pages instead of returning an error. A read that panics is
+/// reported as a corrupt database, so a damaged file never unwinds into the caller.
+pub(crate) fn guard_damage<T>(path: &str, read: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(read)).unwrap_or_else(|panic| {
+        Err(Error::DatabaseCorrupt {
+            path: path.to_string(),
+            detail: format!("redb failed on a damaged page: {}", panic_message(&*panic)),
+        })
+    })
+}
+
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
     }
 }

@@ -41,6 +41,8 @@ pub struct EntryRange {
     reverse: bool,
     remaining: Option<u64>,
     path: String,
+    /// Told of a failed step, so the store can reopen the file after an I/O error.
+    on_error: Box<dyn Fn(&Error) + Send + Sync>,
 }
 
 /// The key bounds a walk covers, after folding the prefix into start and stop.
@@ -114,6 +116,7 @@ impl EntryRange {
         table: Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>,
         options: &RangeOptions,
         path: &str,
+        on_error: Box<dyn Fn(&Error) + Send + Sync>,
     ) -> Result<Self> {
         let bounds = options.bounds()?;
         let inner = match table {
@@ -134,11 +137,19 @@ impl EntryRange {
             reverse: options.reverse,
             remaining: options.limit,
             path: path.to_string(),
+            on_error,
         })
     }
 
     fn finish(&mut self) {
         self.inner = None;
+    }
+
+    /// Ends the walk at a failed step.
+    fn fail(&mut self, err: Error) -> Error {
+        self.finish();
+        (self.on_error)(&err);
+        err
     }
 }
 
@@ -158,10 +169,17 @@ impl Iterator for EntryRange {
             self.finish();
         }
         let inner = self.inner.as_mut()?;
-        let item = if self.reverse {
-            inner.next_back()
-        } else {
-            inner.next()
+        let reverse = self.reverse;
+        let step = crate::error::guard_damage(&self.path, || {
+            Ok(if reverse {
+                inner.next_back()
+            } else {
+                inner.next()
+            })
+        });
+        let item = match step {
+            Ok(item) => item,
+            Err(damaged) => return Some(Err(self.fail(damaged))),
         };
         match item {
             None => {
@@ -169,8 +187,8 @@ impl Iterator for EntryRange {
                 None
             }
             Some(Err(e)) => {
-                self.finish();
-                Some(Err(crate::error::from_storage(&self.path, e)))
+                let err = crate::error::from_storage(&self.path, e);
+                Some(Err(self.fail(err)))
             }
             Some(Ok((key, record))) => {
                 if let Some(prefix) = &self.prefix {

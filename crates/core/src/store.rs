@@ -14,7 +14,7 @@ use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefiniti
 use crate::cache::{EntryCache, Lookup};
 use crate::commit_queue::{Change, CommitCallback, CommitJob, CommitQueue, Job};
 use crate::envelope::{self, Record};
-use crate::error::{from_redb, Error, Result};
+use crate::error::{from_redb, Error, ErrorCode, Result};
 use crate::keys::{validate_key, KeyFormat};
 use crate::locks::{Acquire, Grant, GrantCallback, LockTable, LockToken, OwnerId};
 use crate::range::{EntryRange, RangeOptions};
@@ -189,6 +189,9 @@ pub(crate) struct StoreFile {
     /// (dropped later by a garbage collector) still point here; swapped on recovery.
     db: RwLock<Option<Arc<redb::Database>>>,
     tables: Mutex<HashMap<String, Arc<TableState>>>,
+    /// A read failed with an I/O error. redb then refuses all I/O until the file is reopened;
+    /// the writer does that before its next batch.
+    read_failed: AtomicBool,
 }
 
 /// The per-file core shared by every handle in the process.
@@ -243,7 +246,10 @@ fn open_error(path: &str, err: redb::DatabaseError) -> Error {
             path: path.to_string(),
         },
         DatabaseError::Storage(StorageError::Io(io))
-            if io.kind() == std::io::ErrorKind::InvalidData =>
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
         {
             corrupt(io.to_string())
         }
@@ -332,6 +338,11 @@ impl StoreFile {
         drop(slot.take());
         *slot = Some(self.reopen()?);
         Ok(())
+    }
+
+    /// True once after a read failed with an I/O error (see `read_failed`).
+    pub(crate) fn take_read_failure(&self) -> bool {
+        self.read_failed.swap(false, Ordering::SeqCst)
     }
 
     /// Compacts the file; see [`crate::maintenance`]. Call on the writer, between batches.
@@ -437,7 +448,7 @@ impl Shared {
             options.backend.as_ref(),
         )?;
         let db = Arc::new(db);
-        check_format(&db, &path)?;
+        crate::error::guard_damage(&path, || check_format(&db, &path))?;
         let file = Arc::new(StoreFile {
             path,
             location: location.to_path_buf(),
@@ -446,6 +457,7 @@ impl Shared {
             released: AtomicBool::new(false),
             db: RwLock::new(Some(db)),
             tables: Mutex::new(HashMap::new()),
+            read_failed: AtomicBool::new(false),
         });
         let queue = CommitQueue::start(file.clone())?;
         Ok(Shared {
@@ -453,6 +465,16 @@ impl Shared {
             queue,
             repaired,
         })
+    }
+
+    /// After an I/O error on a read (a page beyond the end of the file is one), redb refuses
+    /// all I/O: the writer is woken to reopen the file, so reads and commits work again as soon
+    /// as the disk does.
+    pub(crate) fn read_error(&self, err: &Error) {
+        if matches!(err.code(), ErrorCode::Io | ErrorCode::DatabaseCorrupt) {
+            self.file.read_failed.store(true, Ordering::SeqCst);
+            self.queue.submit(Job::Barrier(Box::new(|| {})));
+        }
     }
 
     /// Returns once every job submitted before has been settled (at once on the writer itself,
@@ -615,7 +637,8 @@ impl Database {
         if options.bandwidth == 0 {
             return Err(Error::invalid("keys.bandwidth must be at least 1"));
         }
-        let table = self.handle.shared.table(name, &options)?;
+        let shared = &self.handle.shared;
+        let table = crate::error::guard_damage(&shared.path, || shared.table(name, &options))?;
         Ok(MapStore {
             handle: self.handle.clone(),
             table,
@@ -895,6 +918,30 @@ impl MapStore {
     }
 
     fn read(&self, key: &str) -> Result<Option<Arc<[u8]>>> {
+        let shared = self.shared();
+        let read = || crate::error::guard_damage(&shared.path, || self.read_unguarded(key));
+        match read() {
+            // The kept snapshot's instance was swapped by a recovery meanwhile: the cache was
+            // cleared with it, so the second try reads the reopened file.
+            Err(Error::StoreClosed) if !shared.file.released.load(Ordering::SeqCst) => read(),
+            // redb refuses all I/O after an I/O error until the file is reopened: wait for the
+            // writer to reopen it and try once more, so a passing fault fails one read only.
+            Err(err @ Error::Io { .. }) if !crate::commit_queue::on_writer_thread() => {
+                shared.file.read_failed.store(true, Ordering::SeqCst);
+                shared.barrier();
+                read().map_err(|_| err)
+            }
+            other => other,
+        }
+        .map_err(|e| self.read_error(e))
+    }
+
+    fn read_error(&self, err: Error) -> Error {
+        self.shared().read_error(&err);
+        err
+    }
+
+    fn read_unguarded(&self, key: &str) -> Result<Option<Arc<[u8]>>> {
         let (generation, snapshot) = match self.table.cache.lookup(key) {
             Lookup::Hit(found) => return Ok(found),
             Lookup::Miss {
@@ -925,18 +972,26 @@ impl MapStore {
 
     fn read_table(&self) -> Result<Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>> {
         let shared = self.shared();
-        let txn = shared.db()?.begin_read().map_err(|e| shared.redb_err(e))?;
-        match txn.open_table(self.table.definition()) {
-            Ok(table) => Ok(Some(table)),
-            Err(TableError::TableDoesNotExist(_)) => Ok(None),
-            Err(e) => Err(shared.redb_err(e)),
-        }
+        crate::error::guard_damage(&shared.path, || {
+            let txn = shared.db()?.begin_read().map_err(|e| shared.redb_err(e))?;
+            match txn.open_table(self.table.definition()) {
+                Ok(table) => Ok(Some(table)),
+                Err(TableError::TableDoesNotExist(_)) => Ok(None),
+                Err(e) => Err(shared.redb_err(e)),
+            }
+        })
+        .map_err(|e| self.read_error(e))
     }
 
     /// A walk over one snapshot of the table.
     pub fn range(&self, options: &RangeOptions) -> Result<EntryRange> {
         self.check_open()?;
-        EntryRange::new(self.read_table()?, options, &self.shared().path)
+        let table = self.read_table()?;
+        let path = &self.shared().path;
+        let handle = self.handle.clone();
+        let on_error = Box::new(move |err: &Error| handle.shared.read_error(err));
+        crate::error::guard_damage(path, || EntryRange::new(table, options, path, on_error))
+            .map_err(|e| self.read_error(e))
     }
 
     pub fn count(&self, options: &RangeOptions) -> Result<u64> {

@@ -6,7 +6,7 @@
 
 use std::fs::OpenOptions;
 use std::path::Path;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvstore_core::{
@@ -19,11 +19,53 @@ use redb::StorageBackend;
 const EIO: i32 = 5;
 const ENOSPC: i32 = 28;
 
-/// Which calls fail, with which errno (0: none).
+/// One kind of call that can be made to fail: after `after` more successful calls, every
+/// call fails with `errno` until cleared (errno 0).
+#[derive(Debug, Default)]
+struct Fault {
+    errno: AtomicI32,
+    after: AtomicU64,
+}
+
+impl Fault {
+    /// Fails from the next call on.
+    fn set(&self, errno: i32) {
+        self.fail_after(0, errno);
+    }
+
+    /// Lets `calls` more calls through, then fails every call.
+    fn fail_after(&self, calls: u64, errno: i32) {
+        self.after.store(calls, Ordering::SeqCst);
+        self.errno.store(errno, Ordering::SeqCst);
+    }
+
+    fn clear(&self) {
+        self.errno.store(0, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> std::io::Result<()> {
+        let errno = self.errno.load(Ordering::SeqCst);
+        if errno == 0 {
+            return Ok(());
+        }
+        let passed = self
+            .after
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if passed {
+            Ok(())
+        } else {
+            Err(std::io::Error::from_raw_os_error(errno))
+        }
+    }
+}
+
+/// The calls of a [`Faulty`] backend that can fail.
 #[derive(Debug, Default)]
 struct Faults {
-    write: AtomicI32,
-    sync: AtomicI32,
+    read: Fault,
+    write: Fault,
+    sync: Fault,
 }
 
 #[derive(Debug)]
@@ -32,30 +74,24 @@ struct Faulty {
     faults: Arc<Faults>,
 }
 
-fn check(errno: &AtomicI32) -> std::io::Result<()> {
-    match errno.load(Ordering::SeqCst) {
-        0 => Ok(()),
-        n => Err(std::io::Error::from_raw_os_error(n)),
-    }
-}
-
 impl StorageBackend for Faulty {
     fn len(&self) -> std::io::Result<u64> {
         self.file.len()
     }
     fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.faults.read.check()?;
         self.file.read(offset, out)
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
-        check(&self.faults.write)?;
+        self.faults.write.check()?;
         self.file.set_len(len)
     }
     fn sync_data(&self) -> std::io::Result<()> {
-        check(&self.faults.sync)?;
+        self.faults.sync.check()?;
         self.file.sync_data()
     }
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        check(&self.faults.write)?;
+        self.faults.write.check()?;
         self.file.write(offset, data)
     }
     fn close(&self) -> std::io::Result<()> {
@@ -115,7 +151,7 @@ fn failed_syncs_and_writes_reject_their_commits_and_the_store_recovers() {
         (&faults.write, ENOSPC),
         (&faults.sync, ENOSPC),
     ] {
-        which.store(errno, Ordering::SeqCst);
+        which.set(errno);
         assert_eq!(
             io_errno(put(&map, &format!("failed-{injected}"), b"bad")),
             Some(errno)
@@ -125,7 +161,7 @@ fn failed_syncs_and_writes_reject_their_commits_and_the_store_recovers() {
             io_errno(put(&map, &format!("failed-again-{injected}"), b"bad")),
             Some(errno)
         );
-        which.store(0, Ordering::SeqCst);
+        which.clear();
         // Cleared: the writer reopens the file and the next commit lands.
         put(&map, &format!("after-{injected}"), b"ok").unwrap();
         assert_eq!(
@@ -182,5 +218,236 @@ fn failed_syncs_and_writes_reject_their_commits_and_the_store_recovers() {
             .unwrap()
             .code(),
         ErrorCode::EntryNotFound
+    );
+}
+
+/// A store with `n` entries, closed cleanly; returns its path.
+fn written_store(dir: &Path, n: usize) -> std::path::PathBuf {
+    let path = dir.join("damaged.redb");
+    let db = Database::open(&path, DatabaseOptions::default()).unwrap();
+    let map = db.map_store("m", MapOptions::default()).unwrap();
+    for i in 0..n {
+        put(&map, &format!("key-{i:05}"), &[i as u8; 100]).unwrap();
+    }
+    db.close();
+    path
+}
+
+/// Opens a damaged file and reads everything: each step either works or fails with a typed
+/// error; nothing panics. Returns the error codes met.
+fn read_all(path: &Path, n: usize) -> Vec<ErrorCode> {
+    let mut met = Vec::new();
+    let db = match Database::open(path, DatabaseOptions::default()) {
+        Ok(db) => db,
+        Err(e) => {
+            return vec![e.code()];
+        }
+    };
+    match db.map_store(
+        "m",
+        MapOptions {
+            cache_capacity: 0,
+            ..Default::default()
+        },
+    ) {
+        Err(e) => met.push(e.code()),
+        Ok(map) => {
+            for i in 0..n {
+                if let Err(e) = map.get(&format!("key-{i:05}")) {
+                    met.push(e.code());
+                }
+            }
+            for key in ["key-00007", "key-new"] {
+                if let Err(e) = put(&map, key, b"rewritten") {
+                    met.push(e.code());
+                }
+            }
+            match map.range(&RangeOptions::default()) {
+                Err(e) => met.push(e.code()),
+                Ok(walk) => {
+                    for item in walk {
+                        if let Err(e) = item {
+                            met.push(e.code());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    db.close();
+    met
+}
+
+fn open_faulty(path: &Path, faults: &Arc<Faults>) -> Database {
+    Database::open(
+        path,
+        DatabaseOptions {
+            backend: Some(faulty(faults.clone())),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// The Nth write or fsync of a commit fails, for every N a commit reaches: the commit is
+/// rejected with the errno, everything acknowledged stays, and the next commit lands.
+#[test]
+fn each_write_and_each_fsync_of_a_commit_can_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nth.redb");
+    let faults = Arc::new(Faults::default());
+    let db = open_faulty(&path, &faults);
+    let map = db.map_store("m", MapOptions::default()).unwrap();
+    let mut acknowledged = Vec::new();
+    let mut injected = 0;
+    for (name, fault, errno) in [
+        ("write", &faults.write, ENOSPC),
+        ("sync", &faults.sync, EIO),
+    ] {
+        // Raise N until a commit gets through all its calls before the fault fires.
+        for n in 0.. {
+            let key = format!("{name}-{n}");
+            fault.fail_after(n, errno);
+            let outcome = put(&map, &key, key.as_bytes());
+            fault.clear();
+            match outcome {
+                Ok(()) => {
+                    acknowledged.push(key);
+                    break;
+                }
+                Err(err) => {
+                    injected += 1;
+                    assert_eq!(err.code(), ErrorCode::Io, "{key}: {err}");
+                    assert_eq!(io_errno(Err(err)), Some(errno));
+                }
+            }
+            let after = format!("after-{name}-{n}");
+            put(&map, &after, b"ok").unwrap();
+            acknowledged.push(after);
+            assert!(n < 64, "a commit should need only a few writes and syncs");
+        }
+    }
+    assert!(
+        injected >= 3,
+        "the fault fired at several points ({injected})"
+    );
+    assert_eq!(map.stats().unwrap().locks_held, 0);
+    db.close();
+
+    assert!(check_integrity(&path).unwrap());
+    let plain = Database::open(&path, DatabaseOptions::default()).unwrap();
+    let reopened = plain.map_store("m", MapOptions::default()).unwrap();
+    for key in &acknowledged {
+        assert!(
+            reopened.get(key).unwrap().is_some(),
+            "{key} was acknowledged"
+        );
+    }
+    for i in 0.. {
+        // A failed write leaves nothing; the outcome of a failed fsync is unknown.
+        let key = format!("write-{i}");
+        if acknowledged.contains(&key) {
+            break;
+        }
+        assert_eq!(reopened.get(&key).unwrap(), None, "{key} failed to write");
+    }
+}
+
+/// A failing read rejects that read with its errno; reads and commits work again once the
+/// disk does (redb refuses all I/O after an error until the file is reopened: the writer
+/// reopens it, and the next commit waits for that).
+#[test]
+fn a_failed_read_reports_its_errno_and_the_store_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 2000;
+    let path = written_store(dir.path(), n);
+    let faults = Arc::new(Faults::default());
+    let db = open_faulty(&path, &faults);
+    let uncached = MapOptions {
+        cache_capacity: 0,
+        ..Default::default()
+    };
+    let map = db.map_store("m", uncached).unwrap();
+
+    faults.read.set(EIO);
+    // A fresh instance has not read the leaf pages yet.
+    let failed = map.get("key-01500").map(|_| ());
+    assert_eq!(io_errno(failed), Some(EIO));
+    let walk = map
+        .range(&RangeOptions::default())
+        .and_then(|walk| walk.into_iter().try_for_each(|item| item.map(|_| ())));
+    assert!(walk.is_err(), "a walk over unread pages fails too");
+    faults.read.clear();
+
+    put(&map, "after", b"ok").unwrap();
+    for i in 0..n {
+        let record = map.get_record(&format!("key-{i:05}")).unwrap().unwrap();
+        assert_eq!(record.value, vec![i as u8; 100]);
+    }
+    assert_eq!(map.count(&RangeOptions::default()).unwrap(), n as u64 + 1);
+    assert_eq!(map.stats().unwrap().locks_held, 0);
+    db.close();
+    assert!(check_integrity(&path).unwrap());
+}
+
+/// redb panics on some damaged pages: the panics come from its own source files, and are
+/// silenced here so the test output stays readable. Others still print.
+fn quiet_redb_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let from_redb = info
+            .location()
+            .is_some_and(|at| at.file().contains("/redb-"));
+        if !from_redb {
+            default(info);
+        }
+    }));
+}
+
+/// A torn (truncated) file reports ERR_DATABASE_CORRUPT on open. A file with flipped bytes
+/// either opens, and then every read and write returns data or a typed error, or is refused
+/// as corrupt: never a panic into the caller.
+#[test]
+fn a_torn_or_damaged_file_reports_corruption_and_never_panics() {
+    quiet_redb_panics();
+    let dir = tempfile::tempdir().unwrap();
+    let n = 2000;
+    let path = written_store(dir.path(), n);
+    let good = std::fs::read(&path).unwrap();
+    for cut in [1, 100, 511, 4096, good.len() / 2, good.len() - 1] {
+        std::fs::write(&path, &good[..cut]).unwrap();
+        assert_eq!(
+            read_all(&path, n),
+            vec![ErrorCode::DatabaseCorrupt],
+            "truncated to {cut} bytes"
+        );
+    }
+
+    let mut seed = 7u64;
+    let mut detected = 0;
+    for _ in 0..150 {
+        let mut bytes = good.clone();
+        for _ in 0..8 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let at = (seed >> 33) as usize % bytes.len();
+            bytes[at] ^= 0xff;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let met = read_all(&path, n);
+        for code in &met {
+            assert!(
+                matches!(code, ErrorCode::DatabaseCorrupt | ErrorCode::Io),
+                "unexpected {code:?}"
+            );
+        }
+        if met.contains(&ErrorCode::DatabaseCorrupt) {
+            detected += 1;
+        }
+    }
+    assert!(
+        detected > 10,
+        "damage was reported ({detected} of 150 files)"
     );
 }
