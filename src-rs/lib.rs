@@ -40,7 +40,7 @@ impl<T> OrJs<T> for kvstore_core::Result<T> {
 }
 
 /// Every stable error code, so the TS layer can check its table against the core's.
-#[napi]
+#[napi(catch_unwind)]
 pub fn error_codes() -> Vec<String> {
     ErrorCode::ALL
         .iter()
@@ -49,7 +49,7 @@ pub fn error_codes() -> Vec<String> {
 }
 
 /// redb's integrity check of a file that is not open anywhere.
-#[napi]
+#[napi(catch_unwind)]
 pub fn check_integrity(path: String) -> Result<bool> {
     kvstore_core::check_integrity(&path).or_js()
 }
@@ -93,7 +93,7 @@ fn flush_pending(db: &Database, pending: &Mutex<Vec<PreparedCommit>>) {
 impl NativeDatabase {
     /// Opens the file or joins the core already open in this process. The handle is closed
     /// when this thread's environment goes away (a terminated worker), releasing its locks.
-    #[napi(factory)]
+    #[napi(catch_unwind, factory)]
     pub fn open(env: Env, path: String, options: NativeOpenOptions) -> Result<NativeDatabase> {
         let defaults = DatabaseOptions::default();
         let db = Database::open(
@@ -117,7 +117,7 @@ impl NativeDatabase {
         })
     }
 
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn map_store(&self, name: String, options: NativeMapOptions) -> Result<NativeMapStore> {
         let defaults = MapOptions::default();
         let keys = KeyFormat::new(
@@ -162,13 +162,13 @@ impl NativeDatabase {
     }
 
     /// Queues the commits made since the last flush, as one unit (call once per JS turn).
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn flush(&self) {
         flush_pending(&self.db, &self.pending);
     }
 
     /// A consistent copy of the whole file at `dest`, made on a thread of its own.
-    #[napi(ts_return_type = "Promise<void>")]
+    #[napi(catch_unwind, ts_return_type = "Promise<void>")]
     pub fn backup(&self, env: Env, dest: String) -> Result<PromiseRaw<'static, ()>> {
         // The snapshot is taken now, so closing the store meanwhile does not stop the copy.
         let backup = self.db.begin_backup(&dest).or_js()?;
@@ -182,7 +182,7 @@ impl NativeDatabase {
     }
 
     /// Compacts the file after the commits queued so far; true if space was reclaimed.
-    #[napi(ts_return_type = "Promise<boolean>")]
+    #[napi(catch_unwind, ts_return_type = "Promise<boolean>")]
     pub fn compact(&self, env: Env) -> Result<PromiseRaw<'static, bool>> {
         flush_pending(&self.db, &self.pending);
         let (deferred, raw) = self.mailbox.promise(&env)?;
@@ -203,7 +203,7 @@ impl NativeDatabase {
     }
 
     /// The maps of this file with the codec each was created with.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn tables(&self) -> Result<Vec<NativeTableInfo>> {
         Ok(self
             .db
@@ -215,7 +215,7 @@ impl NativeDatabase {
     }
 
     /// Waits for this handle's commits in flight, then releases its locks and waiters.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn close(&mut self, env: Env) -> Result<()> {
         flush_pending(&self.db, &self.pending);
         self.db.close();
@@ -314,7 +314,7 @@ impl NativeMapStore {
     /// once when the key is free; otherwise a promise, cancellable through `ticket`.
     /// A free key with no committed record (the usual create) comes back as the bare token:
     /// building a JS object through N-API costs more than the lock itself.
-    #[napi(ts_return_type = "number | NativeLocked | Promise<NativeLocked>")]
+    #[napi(catch_unwind, ts_return_type = "number | NativeLocked | Promise<NativeLocked>")]
     pub fn lock(
         &self,
         env: Env,
@@ -361,7 +361,7 @@ impl NativeMapStore {
     }
 
     /// Gives up a queued wait; `reason` is "timeout" or "abort". False if already granted.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn cancel_wait(&self, key: String, ticket: u32, reason: String) -> bool {
         let reason = match reason.as_str() {
             "abort" => kvstore_core::Error::Aborted,
@@ -370,14 +370,14 @@ impl NativeMapStore {
         self.map.cancel_wait(u64::from(ticket), reason)
     }
 
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn release(&self, key: String, token: i64) -> Result<()> {
         self.map.release(&key, token as u64).or_js()
     }
 
     /// Prepares a write of `record` (or a delete, per `flags`) under the lock `token`; it is
     /// queued at the next `flush()` of its database and settles once durable.
-    #[napi(ts_return_type = "Promise<void>")]
+    #[napi(catch_unwind, ts_return_type = "Promise<void>")]
     pub fn commit(
         &self,
         env: Env,
@@ -433,7 +433,7 @@ impl NativeMapStore {
     /// is no such entry. A record longer than `out` is not copied: the caller grows `out` to the
     /// returned length and asks again. Reusing one buffer spares a buffer allocation per read,
     /// which costs more than the lookup itself.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn get_into(&self, key: String, mut out: BufferSlice) -> Result<i64> {
         match self.map.get(&key).or_js()? {
             Some(record) => {
@@ -446,7 +446,7 @@ impl NativeMapStore {
         }
     }
 
-    #[napi(ts_return_type = "string | Promise<string>")]
+    #[napi(catch_unwind, ts_return_type = "string | Promise<string>")]
     pub fn next_key(&self, env: Env) -> Result<Either<String, PromiseRaw<'static, String>>> {
         let mut promise = None;
         let mut failure = None;
@@ -475,7 +475,7 @@ impl NativeMapStore {
         }
     }
 
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn range(&self, options: NativeRangeOptions) -> Result<NativeRange> {
         let inner = self.map.range(&range_options(&options)).or_js()?;
         Ok(NativeRange {
@@ -484,12 +484,12 @@ impl NativeMapStore {
         })
     }
 
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn count(&self, options: NativeRangeOptions) -> Result<f64> {
         Ok(self.map.count(&range_options(&options)).or_js()? as f64)
     }
 
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn stats(&self) -> Result<NativeStats> {
         let s = self.map.stats().or_js()?;
         Ok(NativeStats {
@@ -522,7 +522,7 @@ const BATCH_BYTES: usize = 1 << 20;
 #[napi]
 impl NativeRange {
     /// Up to `max_items` entries, or null at the end (the snapshot is then freed).
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn next_batch<'env>(
         &mut self,
         env: &'env Env,
@@ -565,7 +565,7 @@ impl NativeRange {
     }
 
     /// Frees the snapshot now rather than at garbage collection.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn close(&mut self) {
         self.inner = None;
     }
