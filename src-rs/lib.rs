@@ -314,7 +314,10 @@ impl NativeMapStore {
     /// once when the key is free; otherwise a promise, cancellable through `ticket`.
     /// A free key with no committed record (the usual create) comes back as the bare token:
     /// building a JS object through N-API costs more than the lock itself.
-    #[napi(catch_unwind, ts_return_type = "number | NativeLocked | Promise<NativeLocked>")]
+    #[napi(
+        catch_unwind,
+        ts_return_type = "number | NativeLocked | Promise<NativeLocked>"
+    )]
     pub fn lock(
         &self,
         env: Env,
