@@ -331,6 +331,10 @@ fn each_write_and_each_fsync_of_a_commit_can_fail() {
         injected >= 3,
         "the fault fired at several points ({injected})"
     );
+    eprintln!(
+        "{injected} commits failed at each write/fsync position; {} acknowledged",
+        acknowledged.len()
+    );
     assert_eq!(map.stats().unwrap().locks_held, 0);
     db.close();
 
@@ -450,4 +454,5 @@ fn a_torn_or_damaged_file_reports_corruption_and_never_panics() {
         detected > 10,
         "damage was reported ({detected} of 150 files)"
     );
+    eprintln!("6 torn files refused; {detected} of 150 damaged files reported as corrupt");
 }
