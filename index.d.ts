@@ -22,7 +22,11 @@ export declare class NativeDatabase {
    */
   get repairMs(): number | null
   get path(): string
-  /** Queues the commits made since the last flush, as one unit (call once per JS turn). */
+  /**
+   * Queues the commits made since the last flush, as one unit (call once per JS turn).
+   * Non-durable commits are written right here when the writer is idle (no fsync to wait
+   * for), and their promises settled at once: no thread hand-off, no wake-up.
+   */
   flush(): void
   /** A consistent copy of the whole file at `dest`, made on a thread of its own. */
   backup(dest: string): Promise<void>

@@ -162,9 +162,18 @@ impl NativeDatabase {
     }
 
     /// Queues the commits made since the last flush, as one unit (call once per JS turn).
+    /// Non-durable commits are written right here when the writer is idle (no fsync to wait
+    /// for), and their promises settled at once: no thread hand-off, no wake-up.
     #[napi(catch_unwind)]
-    pub fn flush(&self) {
-        flush_pending(&self.db, &self.pending);
+    pub fn flush(&self, env: Env) {
+        if self.db.is_durable() {
+            flush_pending(&self.db, &self.pending);
+            return;
+        }
+        let commits = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        if self.db.write_now(commits) {
+            self.mailbox.drain(env.raw());
+        }
     }
 
     /// A consistent copy of the whole file at `dest`, made on a thread of its own.
@@ -418,8 +427,9 @@ impl NativeMapStore {
                 let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
                 pending.push(prepared);
                 // Enough for a transaction of its own: hand it to the writer now, so writing
-                // overlaps with the rest of this turn.
-                if pending.len() >= EAGER_FLUSH {
+                // overlaps with the rest of this turn. Not when durable: there the fsync is the
+                // cost, and the whole turn's commits should share one.
+                if pending.len() >= EAGER_FLUSH && !self.db.is_durable() {
                     self.db.submit(std::mem::take(&mut *pending));
                 }
             }
