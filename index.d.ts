@@ -42,10 +42,12 @@ export declare class NativeMapStore {
   /**
    * Takes `key`'s lock for `mode` (0 existing, 1 new, 2 either). Returns the locked entry at
    * once when the key is free; otherwise a promise, cancellable through `ticket`.
-   * A free key with no committed record (the usual create) comes back as the bare token:
-   * building a JS object through N-API costs more than the lock itself.
+   * A lock granted at once comes back as the bare token, and the committed record is copied
+   * into `out` after a 4-byte little-endian length (-1: no record): building a JS object and
+   * an external buffer through N-API costs more than the lock itself. Only a record too
+   * long for `out` comes back as a `NativeLocked`.
    */
-  lock(key: string, mode: number, ticket: number): number | NativeLocked | Promise<NativeLocked>
+  lock(key: string, mode: number, ticket: number, out: Buffer): number | NativeLocked | Promise<NativeLocked>
   /** Gives up a queued wait; `reason` is "timeout" or "abort". False if already granted. */
   cancelWait(key: string, ticket: number, reason: string): boolean
   release(key: string, token: number): void

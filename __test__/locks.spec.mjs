@@ -27,6 +27,27 @@ test('allowExisting returns the existing entry locked, ignoring the new value', 
   t.is(store.getEntry('bar'), undefined, 'release writes nothing')
 })
 
+test('a locked entry carries its committed value whatever its size (small, and larger than the read buffer)', async (t) => {
+  const store = await tempStore(t)
+  const small = { s: 'x'.repeat(10) }
+  const large = { s: 'y'.repeat(100_000), list: Array.from({ length: 1000 }, (_, i) => i) }
+  await put(store, 'small', small, { m: '1' })
+  await put(store, 'large', large, { m: '2' })
+  for (const [key, value, m] of [['small', small, '1'], ['large', large, '2'], ['small', small, '1']]) {
+    const lock = await store.getAndLockEntry(key)
+    t.deepEqual(lock.entry.value, value)
+    t.deepEqual(lock.entry.metadata, { m })
+    t.true(lock.existed)
+    lock.entry.value.touched = true
+    await lock.commit()
+    t.true(store.getEntry(key).value.touched)
+    delete value.touched
+    await store.updateEntry(key, (e) => { delete e.value.touched })
+  }
+  const deleted = await store.deleteEntry('large')
+  t.true(deleted)
+})
+
 test('getAndLockEntry of a missing key is EntryNotFoundError', async (t) => {
   const store = await tempStore(t)
   const err = await t.throwsAsync(store.getAndLockEntry('nope'), { instanceOf: kv.EntryNotFoundError })

@@ -1,7 +1,10 @@
 // npm run bench -- [--n 20000] [--only kvstore,lmdb] [--workloads create-conc,get-random]
-//                  [--durable both|durable|none] [--scale 10000,100000,1000000]
+//                  [--durable both|durable|none] [--scale 10000,100000,1000000] [--rounds 3]
 // Runs each (store, workload, mode) in its own process, prints one JSON line each, then a
 // Markdown table of ops/s with the kvstore ÷ lmdb ratio measured in the same run.
+// Each (workload, mode) runs `rounds` times, the stores taking turns within a round; the table
+// shows each store's median, and the ratio is the median of the rounds' kvstore ÷ lmdb, so a
+// machine whose speed drifts moves both sides of each ratio alike.
 import { execFileSync } from 'node:child_process'
 import { cpus } from 'node:os'
 import { parseArgs } from 'node:util'
@@ -14,10 +17,12 @@ const { values: flags } = parseArgs({
     workloads: { type: 'string', default: [...Object.keys(workloads), 'scale'].join(',') },
     durable: { type: 'string', default: 'both' },
     scale: { type: 'string', default: scaleSizes.join(',') },
+    rounds: { type: 'string', default: '3' },
   },
 })
 
 const n = Number(flags.n)
+const rounds = Math.max(1, Number(flags.rounds))
 const stores = flags.only.split(',')
 const chosen = flags.workloads.split(',')
 const modes = flags.durable === 'both' ? ['durable', 'none'] : [flags.durable]
@@ -37,13 +42,22 @@ function run(store, workload, mode, size) {
 }
 
 const rate = (r) => (r && r.ops && r.seconds ? r.ops / r.seconds : undefined)
+function median(xs) {
+  const known = xs.filter((x) => x !== undefined).sort((a, b) => a - b)
+  if (known.length === 0) return undefined
+  const mid = known.length >> 1
+  return known.length % 2 ? known[mid] : (known[mid - 1] + known[mid]) / 2
+}
 const fmt = (x) => (x === undefined ? '–' : x >= 100_000 ? `${Math.round(x / 1000)}k` : x >= 1000 ? `${(x / 1000).toFixed(1)}k` : x.toFixed(0))
 
 const rows = []
 for (const workload of chosen.filter((w) => w !== 'scale')) {
   for (const mode of modes) {
-    const results = Object.fromEntries(stores.map((s) => [s, run(s, workload, mode, n)]))
-    rows.push({ workload, mode, results })
+    const runs = Object.fromEntries(stores.map((s) => [s, []]))
+    for (let round = 0; round < rounds; round++) {
+      for (const s of stores) runs[s].push(run(s, workload, mode, n))
+    }
+    rows.push({ workload, mode, runs })
   }
 }
 
@@ -57,15 +71,21 @@ if (chosen.includes('scale')) {
 }
 
 const lines = []
-lines.push(`\nN = ${n}; ${cpus().length} cores (${cpus()[0]?.model ?? 'unknown'}); Node ${process.version}\n`)
+lines.push(`\nN = ${n}; ${rounds} rounds (medians); ${cpus().length} cores (${cpus()[0]?.model ?? 'unknown'}); Node ${process.version}\n`)
 if (rows.length) {
   lines.push(`| workload | mode | ${stores.join(' | ')} | kvstore ÷ lmdb | lost updates | commits/batch |`)
   lines.push(`|---|---|${stores.map(() => '---:').join('|')}|---:|---:|---:|`)
-  for (const { workload, mode, results } of rows) {
-    const ratio = rate(results.kvstore) && rate(results.lmdb) ? (rate(results.kvstore) / rate(results.lmdb)).toFixed(2) : '–'
-    const lost = stores.map((s) => results[s]?.lostUpdates).filter((x) => x !== undefined)
-    const cpb = results.kvstore?.commitsPerBatch
-    lines.push(`| ${workload} | ${mode} | ${stores.map((s) => fmt(rate(results[s]))).join(' | ')} | ${ratio} | ${lost.length ? lost.join('/') : ''} | ${cpb ? cpb.toFixed(1) : ''} |`)
+  for (const { workload, mode, runs } of rows) {
+    const paired = (runs.kvstore ?? []).map((k, i) => (rate(k) && rate(runs.lmdb?.[i]) ? rate(k) / rate(runs.lmdb[i]) : undefined))
+    const ratio = median(paired)
+    // Lost updates: the worst run of each store.
+    const lost = stores
+      .map((s) => runs[s].map((r) => r?.lostUpdates).filter((x) => x !== undefined))
+      .filter((xs) => xs.length)
+      .map((xs) => Math.max(...xs))
+    const cpb = median((runs.kvstore ?? []).map((r) => r?.commitsPerBatch))
+    const cells = stores.map((s) => fmt(median(runs[s].map(rate))))
+    lines.push(`| ${workload} | ${mode} | ${cells.join(' | ')} | ${ratio ? ratio.toFixed(2) : '–'} | ${lost.length ? lost.join('/') : ''} | ${cpb ? cpb.toFixed(1) : ''} |`)
   }
 }
 if (scaleRows.length) {

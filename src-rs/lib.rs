@@ -321,8 +321,10 @@ pub struct NativeMapStore {
 impl NativeMapStore {
     /// Takes `key`'s lock for `mode` (0 existing, 1 new, 2 either). Returns the locked entry at
     /// once when the key is free; otherwise a promise, cancellable through `ticket`.
-    /// A free key with no committed record (the usual create) comes back as the bare token:
-    /// building a JS object through N-API costs more than the lock itself.
+    /// A lock granted at once comes back as the bare token, and the committed record is copied
+    /// into `out` after a 4-byte little-endian length (-1: no record): building a JS object and
+    /// an external buffer through N-API costs more than the lock itself. Only a record too
+    /// long for `out` comes back as a `NativeLocked`.
     #[napi(
         catch_unwind,
         ts_return_type = "number | NativeLocked | Promise<NativeLocked>"
@@ -333,6 +335,7 @@ impl NativeMapStore {
         key: String,
         mode: u32,
         ticket: u32,
+        mut out: BufferSlice,
     ) -> Result<Either3<i64, NativeLocked, PromiseRaw<'static, NativeLocked>>> {
         let mode = lock_mode(mode)?;
         let mut promise = None;
@@ -363,9 +366,28 @@ impl NativeMapStore {
         match acquired.or_js()? {
             Acquire::Granted(grant) => {
                 let locked = self.map.finish_acquire(&key, grant, mode).or_js()?;
-                Ok(match locked.record {
-                    None => Either3::A(locked.token as i64),
-                    Some(_) => Either3::B(to_js_locked(locked)),
+                let length = locked.record.as_ref().map_or(-1, |r| r.len() as i64);
+                let copied = match (&locked.record, out.get_mut(..4)) {
+                    (None, Some(header)) => {
+                        header.copy_from_slice(&(-1i32).to_le_bytes());
+                        true
+                    }
+                    (Some(record), _) if length < i64::from(i32::MAX) => {
+                        match out.get_mut(..4 + record.len()) {
+                            Some(target) => {
+                                target[..4].copy_from_slice(&(length as i32).to_le_bytes());
+                                target[4..].copy_from_slice(record);
+                                true
+                            }
+                            None => false,
+                        }
+                    }
+                    _ => false,
+                };
+                Ok(if copied {
+                    Either3::A(locked.token as i64)
+                } else {
+                    Either3::B(to_js_locked(locked))
                 })
             }
             Acquire::Queued => Ok(Either3::C(promise.expect("queued with a promise"))),

@@ -168,8 +168,14 @@ export class MapStore<T = unknown> {
     if (signal?.aborted) throw new AbortError(undefined, { cause: signal.reason })
     const ticket = this.#parts.database.nextTicket()
     const store = this.#parts.native
-    const locked = native(() => store.lock(key, mode, ticket))
-    return isPromise(locked) ? this.#wait(key, ticket, locked, timeoutMs, signal) : locked
+    const buffer = this.#readBuffer
+    const locked = native(() => store.lock(key, mode, ticket, buffer))
+    if (isPromise(locked)) return this.#wait(key, ticket, locked, timeoutMs, signal)
+    if (typeof locked !== 'number') return locked
+    // Granted at once: the record, if any, was copied into the read buffer after its length.
+    const length = buffer.readInt32LE(0)
+    if (length < 0) return locked
+    return { token: locked, existed: true, record: Buffer.from(buffer.subarray(4, 4 + length)) }
   }
 
   async #wait(key: string, ticket: number, locked: Promise<NativeLocked>, timeoutMs: number, signal: AbortSignal | undefined): Promise<Locked> {
