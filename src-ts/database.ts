@@ -122,7 +122,8 @@ export class Database {
   commitPrepared(): void {
     if (this.#flushScheduled) return
     this.#flushScheduled = true
-    setImmediate(this.#flush)
+    if (this.#options.durability === 'none') queueMicrotask(this.#flush)
+    else setImmediate(this.#flush)
   }
 
   #checkOpen(): void {
