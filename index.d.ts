@@ -103,6 +103,7 @@ export interface NativeMapOptions {
 export interface NativeOpenOptions {
   pageCacheBytes?: number
   durable?: boolean
+  syncIntervalMs?: number
 }
 
 export interface NativeRangeOptions {
@@ -126,6 +127,7 @@ export interface NativeStats {
   batches: number
   failedBatches: number
   largestBatch: number
+  unsyncedBatches: number
 }
 
 export interface NativeTableInfo {

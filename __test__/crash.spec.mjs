@@ -6,6 +6,7 @@ import { createInterface } from 'node:readline'
 import { kv, tempDir } from './helpers.mjs'
 
 const writer = new URL('./fixtures/crash-writer.mjs', import.meta.url).pathname
+const unsyncedWriter = new URL('./fixtures/unsynced-writer.mjs', import.meta.url).pathname
 const ROUNDS = 20
 
 // A fixed-seed generator, so a failing round can be replayed.
@@ -98,4 +99,21 @@ test('kill -9 during concurrent durable commits loses nothing acknowledged', asy
   t.is(new Set(autoKeys).size, autoKeys.length, 'no auto key was handed out twice')
   t.true(await kv.Database.checkIntegrity(path), "redb's integrity check passes")
   t.log(`${ROUNDS} rounds killed, ${checked} acknowledged commits checked, ${autoKeys.length} auto keys, mean reopen ${(reopenMs / ROUNDS).toFixed(1)} ms`)
+})
+
+test("durability 'none': once the writer has synced (within syncIntervalMs), a kill -9 loses none of those commits", async (t) => {
+  const path = join(tempDir(t), 'unsynced.redb')
+  const child = spawn(process.execPath, [unsyncedWriter, path, '20'], { stdio: ['ignore', 'pipe', 'inherit'] })
+  const exited = once(child, 'exit')
+  let report
+  for await (const line of createInterface({ input: child.stdout })) {
+    report = JSON.parse(line)
+    child.kill('SIGKILL')
+  }
+  const [, signal] = await exited
+  t.is(signal, 'SIGKILL')
+  t.true(report.unsyncedBefore > 0, 'the commits were not durable at first')
+  const store = await kv.MapStore.open(path)
+  for (let i = 0; i < report.synced; i++) t.is(store.getEntry(`synced-${i}`)?.value, i)
+  await store.close()
 })

@@ -24,6 +24,8 @@ test('bad option values are InvalidArgumentError before anything opens', async (
     { keys: { width: 0 } },
     { keys: { bandwidth: 0 } },
     { lockTimeoutMs: -5 },
+    { syncIntervalMs: -1 },
+    { syncIntervalMs: Infinity },
     { codec: { name: 'x' } },
     { table: '' },
     { logger: 'console' },

@@ -58,6 +58,7 @@ pub fn check_integrity(path: String) -> Result<bool> {
 pub struct NativeOpenOptions {
     pub page_cache_bytes: Option<f64>,
     pub durable: Option<bool>,
+    pub sync_interval_ms: Option<f64>,
 }
 
 #[napi(object)]
@@ -103,6 +104,11 @@ impl NativeDatabase {
                     .page_cache_bytes
                     .map_or(defaults.page_cache_bytes, |b| b as usize),
                 durable: options.durable.unwrap_or(defaults.durable),
+                sync_interval: options
+                    .sync_interval_ms
+                    .map_or(defaults.sync_interval, |ms| {
+                        std::time::Duration::from_secs_f64(ms / 1000.0)
+                    }),
                 backend: None,
             },
         )
@@ -307,6 +313,7 @@ pub struct NativeStats {
     pub batches: f64,
     pub failed_batches: f64,
     pub largest_batch: f64,
+    pub unsynced_batches: f64,
 }
 
 #[napi]
@@ -539,6 +546,7 @@ impl NativeMapStore {
             batches: s.batches as f64,
             failed_batches: s.failed_batches as f64,
             largest_batch: s.largest_batch as f64,
+            unsynced_batches: s.unsynced_batches as f64,
         })
     }
 }

@@ -36,8 +36,8 @@ export class Database {
   /** @internal */
   static openSync(path: string, options: DatabaseOptions = {}, onClose?: () => void): Database {
     if (typeof path !== 'string') throw new TypeError(`path must be a string, got ${typeof path}`)
-    const { durable, pageCacheBytes } = checkDatabaseOptions(options)
-    const handle = native(() => binding.NativeDatabase.open(path, { durable, pageCacheBytes }))
+    const { durable, pageCacheBytes, syncIntervalMs } = checkDatabaseOptions(options)
+    const handle = native(() => binding.NativeDatabase.open(path, { durable, pageCacheBytes, syncIntervalMs }))
     const repairMs = handle.repairMs
     if (repairMs !== null && repairMs !== undefined) {
       options.logger?.warn(`kvstore: '${handle.path}' was not closed cleanly; redb repaired it in ${repairMs.toFixed(1)} ms`)

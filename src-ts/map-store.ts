@@ -38,7 +38,7 @@ export interface StoredEntry<T> {
 /**
  * entries, fileBytes, cacheHits/cacheMisses/cacheEntries, locksHeld/locksWaiting, and commits
  * with the write transactions (fsyncs when durable) that carried them: batches, failedBatches,
- * largestBatch.
+ * largestBatch; unsyncedBatches: non-durable transactions not yet synced (what a crash would lose).
  */
 export type Stats = NativeStats & {
   /** Commits per write transaction: how many commits shared each fsync. */

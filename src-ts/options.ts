@@ -6,8 +6,13 @@ import type { Logger } from './logger'
 export type Durability = 'immediate' | 'none'
 
 export interface DatabaseOptions {
-  /** 'immediate' (default): fsync before commit() resolves. 'none': no fsync; flushed on close. */
+  /**
+   * 'immediate' (default): fsync before commit() resolves. 'none': commit() resolves before the
+   * fsync; the file is made durable within `syncIntervalMs` of the first such commit, and at close.
+   */
   durability?: Durability
+  /** With durability 'none': the most time (ms) a commit stays unsynced, i.e. what a crash can lose (default 1000). */
+  syncIntervalMs?: number
   /** redb's page cache for this file, in bytes (default 64 MiB). */
   pageCacheBytes?: number
   /** Default wait for a held lock, in ms (default Infinity). */
@@ -77,15 +82,16 @@ export function checkLogger(value: unknown): Logger | undefined {
   return logger
 }
 
-export function checkDatabaseOptions(options: DatabaseOptions): { durable: boolean; pageCacheBytes?: number } {
+export function checkDatabaseOptions(options: DatabaseOptions): { durable: boolean; pageCacheBytes?: number; syncIntervalMs?: number } {
   checkObject('options', options)
   const { durability = 'immediate' } = options
   if (durability !== 'immediate' && durability !== 'none') invalid('durability', durability, "'immediate' or 'none'")
+  const syncIntervalMs = integer('syncIntervalMs', options.syncIntervalMs, 0, 86_400_000)
   checkTimeout('lockTimeoutMs', options.lockTimeoutMs)
   checkTimeout('slowCommitMs', options.slowCommitMs)
   checkTimeout('slowLockWaitMs', options.slowLockWaitMs)
   checkLogger(options.logger)
-  return { durable: durability === 'immediate', pageCacheBytes: integer('pageCacheBytes', options.pageCacheBytes, 1 << 20) }
+  return { durable: durability === 'immediate', pageCacheBytes: integer('pageCacheBytes', options.pageCacheBytes, 1 << 20), syncIntervalMs }
 }
 
 export function checkTableName(name: unknown): string {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use redb::{Durability, TableDefinition};
 
@@ -21,10 +22,6 @@ pub type CommitCallback = Box<dyn FnOnce(Result<()>) + Send>;
 
 /// Most commits that share one transaction; bounds the latency of the first in a batch.
 const MAX_BATCH: usize = 8192;
-
-/// Non-durable transactions after which one is made durable anyway: redb cannot reuse the pages
-/// freed by non-durable commits until a durable one, so without this the file and memory grow.
-const MAX_UNSYNCED_BATCHES: u32 = 256;
 
 pub enum Change {
     Put(Arc<[u8]>),
@@ -55,6 +52,8 @@ pub(crate) enum Job {
     Barrier(Box<dyn FnOnce() + Send>),
     /// Several jobs sent as one message, so they land in the same transaction.
     Many(Vec<Job>),
+    /// Nothing to write: the idle writer looks again at when unsynced commits fall due.
+    Wake,
     Shutdown,
 }
 
@@ -65,6 +64,8 @@ pub struct CommitStats {
     pub batches: AtomicU64,
     pub failed_batches: AtomicU64,
     pub largest_batch: AtomicU64,
+    /// Non-durable transactions written since the last durable one (lost by a crash now).
+    pub unsynced_batches: AtomicU64,
 }
 
 thread_local! {
@@ -89,13 +90,16 @@ pub(crate) struct CommitQueue {
 }
 
 impl CommitQueue {
-    pub fn start(file: Arc<StoreFile>) -> Result<Self> {
+    /// Starts the writer. Non-durable commits are made durable within `sync_interval` of the
+    /// first of them, by the next transaction or, when none comes, by the idle writer.
+    pub fn start(file: Arc<StoreFile>, sync_interval: Duration) -> Result<Self> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(CommitStats::default());
         let writer = Arc::new(Mutex::new(Writer {
             file,
             stats: stats.clone(),
-            unsynced: 0,
+            unsynced_since: None,
+            sync_interval,
             broken: false,
         }));
         let shared = writer.clone();
@@ -121,14 +125,22 @@ impl CommitQueue {
         } else {
             self.writer.try_lock().ok()
         };
-        let Some(mut writer) = idle else {
+        // A batch due to make earlier commits durable goes to the writer: its fsync must not
+        // hold up the caller.
+        let Some(mut writer) = idle.filter(|w| !w.sync_due()) else {
             self.submit(Job::Many(jobs));
             return false;
         };
         // Callbacks run here as on the writer thread: code in them must not wait for it.
         let was_writer = ON_WRITER.with(|on| on.replace(true));
+        let was_unsynced = writer.unsynced_since.is_some();
         let carry = writer.commit_batch(jobs);
+        let wake = !was_unsynced && writer.unsynced_since.is_some();
         drop(writer);
+        if wake {
+            // The writer may be asleep with nothing due: it must sync these in time.
+            let _ = self.tx.send(Job::Wake);
+        }
         ON_WRITER.with(|on| on.set(was_writer));
         if !carry.is_empty() {
             self.submit(Job::Many(carry));
@@ -160,8 +172,9 @@ impl CommitQueue {
 struct Writer {
     file: Arc<StoreFile>,
     stats: Arc<CommitStats>,
-    /// Non-durable transactions committed since the last durable one.
-    unsynced: u32,
+    /// When the first non-durable transaction since the last durable one was written.
+    unsynced_since: Option<Instant>,
+    sync_interval: Duration,
     /// The last write failed: redb refuses further writes until the file is reopened.
     broken: bool,
 }
@@ -178,9 +191,19 @@ fn run(writer: &Mutex<Writer>, rx: mpsc::Receiver<Job>) {
     while !stopping {
         let mut jobs = std::mem::take(&mut carry);
         if jobs.is_empty() {
-            match rx.recv() {
+            // Idle with commits not yet durable: wake when they are due, and sync them.
+            let due_in = lock_writer(writer).sync_due_in();
+            let next = match due_in {
+                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                Some(wait) => rx.recv_timeout(wait),
+            };
+            match next {
                 Ok(job) => push_job(&mut jobs, job),
-                Err(_) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    lock_writer(writer).sync_if_due();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
         while jobs.len() < MAX_BATCH {
@@ -188,6 +211,9 @@ fn run(writer: &Mutex<Writer>, rx: mpsc::Receiver<Job>) {
                 Ok(job) => push_job(&mut jobs, job),
                 Err(_) => break,
             }
+        }
+        if jobs.is_empty() {
+            continue; // woken only
         }
         if let Some(at) = jobs.iter().position(|j| matches!(j, Job::Shutdown)) {
             stopping = true;
@@ -205,13 +231,39 @@ fn run(writer: &Mutex<Writer>, rx: mpsc::Receiver<Job>) {
         fail_job(job, &Error::StoreClosed);
     }
     let writer = lock_writer(writer);
-    if writer.unsynced > 0 {
+    if writer.unsynced_since.is_some() {
         // Durability 'none' commits reach the disk at close at the latest.
         let _ = writer.write(&[], true);
     }
 }
 
 impl Writer {
+    /// How long until the unsynced transactions are due to be made durable (None: none are).
+    fn sync_due_in(&self) -> Option<Duration> {
+        self.unsynced_since
+            .map(|since| self.sync_interval.saturating_sub(since.elapsed()))
+    }
+
+    fn sync_due(&self) -> bool {
+        self.sync_due_in() == Some(Duration::ZERO)
+    }
+
+    /// The idle writer's sync: an empty durable transaction makes the earlier ones durable.
+    fn sync_if_due(&mut self) {
+        if !self.sync_due() || self.broken {
+            return;
+        }
+        match self.write(&[], true) {
+            Ok(()) => self.synced(),
+            Err(_) => self.broken = true,
+        }
+    }
+
+    fn synced(&mut self) {
+        self.unsynced_since = None;
+        self.stats.unsynced_batches.store(0, Ordering::Relaxed);
+    }
+
     /// Writes one batch and settles it. Returns follow-up jobs (further key leases).
     fn commit_batch(&mut self, jobs: Vec<Job>) -> Vec<Job> {
         // A commit whose lock was taken from it meanwhile (its handle closed) fails alone.
@@ -234,7 +286,8 @@ impl Writer {
             match self.file.recover() {
                 Ok(()) => {
                     self.broken = false;
-                    self.unsynced = 0;
+                    // What was not durable is gone with the old instance, or was written whole.
+                    self.synced();
                 }
                 Err(err) => {
                     self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
@@ -245,11 +298,11 @@ impl Writer {
                 }
             }
         }
-        let durable = self.unsynced >= MAX_UNSYNCED_BATCHES
+        let durable = self.sync_due()
             || jobs.iter().any(|j| match j {
                 Job::Commit(c) => c.durable,
                 Job::Lease { durable, .. } => *durable,
-                Job::Barrier(_) | Job::Many(_) | Job::Shutdown => false,
+                Job::Barrier(_) | Job::Many(_) | Job::Wake | Job::Shutdown => false,
             });
         let outcome =
             catch_unwind(AssertUnwindSafe(|| self.write(&jobs, durable))).unwrap_or_else(|panic| {
@@ -265,7 +318,12 @@ impl Writer {
         let commits = jobs.iter().filter(|j| matches!(j, Job::Commit(_))).count() as u64;
         match outcome {
             Ok(()) => {
-                self.unsynced = if durable { 0 } else { self.unsynced + 1 };
+                if durable {
+                    self.synced();
+                } else {
+                    self.unsynced_since.get_or_insert_with(Instant::now);
+                    self.stats.unsynced_batches.fetch_add(1, Ordering::Relaxed);
+                }
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                 self.stats.commits.fetch_add(commits, Ordering::Relaxed);
                 self.stats
@@ -340,7 +398,7 @@ impl Writer {
                         meta.insert(table.sequence_key.as_str(), until.to_le_bytes().as_slice())
                             .map_err(|e| redb_err(e.into()))?;
                     }
-                    Job::Barrier(_) | Job::Many(_) | Job::Shutdown => {}
+                    Job::Barrier(_) | Job::Many(_) | Job::Wake | Job::Shutdown => {}
                 }
             }
         }
@@ -351,6 +409,7 @@ impl Writer {
 fn push_job(jobs: &mut Vec<Job>, job: Job) {
     match job {
         Job::Many(many) => jobs.extend(many),
+        Job::Wake => {}
         one => jobs.push(one),
     }
 }
@@ -390,7 +449,7 @@ fn settle_success(job: Job) -> Option<Job> {
             done();
             None
         }
-        Job::Many(_) | Job::Shutdown => None,
+        Job::Many(_) | Job::Wake | Job::Shutdown => None,
     }
 }
 
@@ -415,6 +474,6 @@ pub(crate) fn fail_job(job: Job, err: &Error) {
                 fail_job(job, err);
             }
         }
-        Job::Shutdown => {}
+        Job::Wake | Job::Shutdown => {}
     }
 }

@@ -34,6 +34,9 @@ pub struct DatabaseOptions {
     pub page_cache_bytes: usize,
     /// fsync before a commit is acknowledged (`durability: 'immediate'`).
     pub durable: bool,
+    /// Non-durable commits are made durable at most this long after the first of them (by the
+    /// next transaction, or by the idle writer): a crash loses at most this much of them.
+    pub sync_interval: Duration,
     /// Where the bytes go; the plain file when `None`. Used again to reopen after a failed write.
     pub backend: Option<Backend>,
 }
@@ -43,6 +46,7 @@ impl Default for DatabaseOptions {
         DatabaseOptions {
             page_cache_bytes: 64 << 20,
             durable: true,
+            sync_interval: Duration::from_secs(1),
             backend: None,
         }
     }
@@ -149,6 +153,8 @@ pub struct MapStats {
     pub batches: u64,
     pub failed_batches: u64,
     pub largest_batch: u64,
+    /// Non-durable transactions not yet made durable (a crash now would lose them).
+    pub unsynced_batches: u64,
 }
 
 /// A read snapshot of one table, shared by lookups until the next commit.
@@ -459,7 +465,7 @@ impl Shared {
             tables: Mutex::new(HashMap::new()),
             read_failed: AtomicBool::new(false),
         });
-        let queue = CommitQueue::start(file.clone())?;
+        let queue = CommitQueue::start(file.clone(), options.sync_interval)?;
         Ok(Shared {
             file,
             queue,
@@ -1089,6 +1095,7 @@ impl MapStore {
             batches: commits.batches.load(Ordering::Relaxed),
             failed_batches: commits.failed_batches.load(Ordering::Relaxed),
             largest_batch: commits.largest_batch.load(Ordering::Relaxed),
+            unsynced_batches: commits.unsynced_batches.load(Ordering::Relaxed),
         })
     }
 
