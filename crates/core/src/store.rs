@@ -1296,12 +1296,8 @@ impl Drop for EntryGuard {
 mod tests {
     use super::*;
 
-    #[test]
-    fn commits_queued_behind_a_busy_writer_share_one_transaction() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Database::open(dir.path().join("g.redb"), DatabaseOptions::default()).unwrap();
-        let map = db.map_store("m", MapOptions::default()).unwrap();
-        // Park the writer so that everything submitted next is pending at once.
+    /// Parks the writer in a barrier (holding the writer state) until the returned sender sends.
+    fn park_writer(map: &MapStore) -> mpsc::Sender<()> {
         let (park_tx, park_rx) = mpsc::channel::<()>();
         let (parked_tx, parked_rx) = mpsc::channel::<()>();
         map.shared().queue.submit(Job::Barrier(Box::new(move || {
@@ -1309,6 +1305,16 @@ mod tests {
             let _ = park_rx.recv();
         })));
         parked_rx.recv().unwrap();
+        park_tx
+    }
+
+    #[test]
+    fn commits_queued_behind_a_busy_writer_share_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("g.redb"), DatabaseOptions::default()).unwrap();
+        let map = db.map_store("m", MapOptions::default()).unwrap();
+        // Park the writer so that everything submitted next is pending at once.
+        let park_tx = park_writer(&map);
         let before = map.stats().unwrap();
         let (done_tx, done_rx) = mpsc::channel();
         for i in 0..200 {
@@ -1374,13 +1380,7 @@ mod tests {
         assert!(map.get("idle").unwrap().is_some());
 
         // A busy writer (parked in a barrier, holding the writer state): the commit is queued.
-        let (park_tx, park_rx) = mpsc::channel::<()>();
-        let (parked_tx, parked_rx) = mpsc::channel::<()>();
-        map.shared().queue.submit(Job::Barrier(Box::new(move || {
-            parked_tx.send(()).unwrap();
-            let _ = park_rx.recv();
-        })));
-        parked_rx.recv().unwrap();
+        let park_tx = park_writer(&map);
         assert!(!db.write_now(vec![prepare("busy", done_tx)]));
         assert!(done_rx.try_recv().is_err(), "not written yet");
         park_tx.send(()).unwrap();
