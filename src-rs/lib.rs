@@ -14,7 +14,7 @@ use napi::{CleanupEnvHook, Env};
 use napi_derive::napi;
 
 mod mailbox;
-use mailbox::{Mailbox, PendingGrant, Settlement};
+use mailbox::{Mailbox, PendingGrant, SettleOnce, Settlement};
 
 /// Core errors cross as `Error` objects whose message starts with the stable code (and errno),
 /// e.g. `ERR_IO(28): No space left on device`; src-ts/errors.ts turns them into typed errors.
@@ -201,18 +201,9 @@ impl NativeDatabase {
     pub fn compact(&self, env: Env) -> Result<PromiseRaw<'static, bool>> {
         flush_pending(&self.db, &self.pending);
         let (deferred, raw) = self.mailbox.promise(&env)?;
-        let mailbox = self.mailbox.clone();
-        let slot = Arc::new(Mutex::new(Some(deferred)));
-        let taken = slot.clone();
-        let queued = self.db.compact_with(Box::new(move |outcome| {
-            if let Some(deferred) = taken.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                mailbox.post(Settlement::Flag(deferred, outcome));
-            }
-        }));
-        if let Err(err) = queued {
-            if let Some(deferred) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                self.mailbox.post(Settlement::Flag(deferred, Err(err)));
-            }
+        let once = SettleOnce::new(&self.mailbox, deferred);
+        if let Err(err) = self.db.compact_with(once.callback(Settlement::Flag)) {
+            once.refuse(Settlement::Flag, err);
         }
         Ok(PromiseRaw::new(env.raw(), raw))
     }
@@ -436,20 +427,14 @@ impl NativeMapStore {
             hold_lock_on_failure: flags & COMMIT_HOLD_ON_FAILURE != 0,
         };
         // A commit refused before queueing (released lock, bad options) rejects the same way.
-        let mailbox = self.mailbox.clone();
         let (deferred, raw) = self.mailbox.promise(&env)?;
-        let slot = Arc::new(Mutex::new(Some(deferred)));
-        let taken = slot.clone();
+        let once = SettleOnce::new(&self.mailbox, deferred);
         let prepared = self.map.prepare_commit(
             &key,
             token as u64,
             change,
             options,
-            Box::new(move |outcome| {
-                if let Some(deferred) = taken.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                    mailbox.post(Settlement::Committed(deferred, outcome));
-                }
-            }),
+            once.callback(Settlement::Committed),
         );
         match prepared {
             Ok(prepared) => {
@@ -462,11 +447,7 @@ impl NativeMapStore {
                     self.db.submit(std::mem::take(&mut *pending));
                 }
             }
-            Err(err) => {
-                if let Some(deferred) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                    self.mailbox.post(Settlement::Committed(deferred, Err(err)));
-                }
-            }
+            Err(err) => once.refuse(Settlement::Committed, err),
         }
         Ok(PromiseRaw::new(env.raw(), raw))
     }

@@ -51,6 +51,51 @@ pub enum Settlement {
     Flag(Deferred, kvstore_core::Result<bool>),
 }
 
+/// A promise's deferred that settles exactly once: through the core's callback, or through
+/// `refuse` when the core turns the call down before taking the callback.
+pub struct SettleOnce {
+    slot: Arc<Mutex<Option<Deferred>>>,
+    mailbox: Arc<Mailbox>,
+}
+
+impl SettleOnce {
+    pub fn new(mailbox: &Arc<Mailbox>, deferred: Deferred) -> Self {
+        SettleOnce {
+            slot: Arc::new(Mutex::new(Some(deferred))),
+            mailbox: mailbox.clone(),
+        }
+    }
+
+    fn take(slot: &Mutex<Option<Deferred>>) -> Option<Deferred> {
+        slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// The callback to hand to the core; `settlement` wraps its outcome.
+    pub fn callback<T: 'static>(
+        &self,
+        settlement: fn(Deferred, kvstore_core::Result<T>) -> Settlement,
+    ) -> Box<dyn FnOnce(kvstore_core::Result<T>) + Send> {
+        let slot = self.slot.clone();
+        let mailbox = self.mailbox.clone();
+        Box::new(move |outcome| {
+            if let Some(deferred) = Self::take(&slot) {
+                mailbox.post(settlement(deferred, outcome));
+            }
+        })
+    }
+
+    /// The core refused the call: reject with `err`, unless the callback settled already.
+    pub fn refuse<T>(
+        &self,
+        settlement: fn(Deferred, kvstore_core::Result<T>) -> Settlement,
+        err: kvstore_core::Error,
+    ) {
+        if let Some(deferred) = Self::take(&self.slot) {
+            self.mailbox.post(settlement(deferred, Err(err)));
+        }
+    }
+}
+
 #[derive(Default)]
 struct Queue {
     items: Vec<Settlement>,
