@@ -85,9 +85,12 @@ pub struct NativeDatabase {
     cleanup: Option<CleanupEnvHook<Database>>,
 }
 
+fn take_pending(pending: &Mutex<Vec<PreparedCommit>>) -> Vec<PreparedCommit> {
+    std::mem::take(&mut *pending.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
 fn flush_pending(db: &Database, pending: &Mutex<Vec<PreparedCommit>>) {
-    let commits = std::mem::take(&mut *pending.lock().unwrap_or_else(|p| p.into_inner()));
-    db.submit(commits);
+    db.submit(take_pending(pending));
 }
 
 #[napi]
@@ -176,8 +179,7 @@ impl NativeDatabase {
             flush_pending(&self.db, &self.pending);
             return;
         }
-        let commits = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
-        if self.db.write_now(commits) {
+        if self.db.write_now(take_pending(&self.pending)) {
             self.mailbox.drain(env.raw());
         }
     }
@@ -261,6 +263,25 @@ fn lock_mode(mode: u32) -> Result<LockMode> {
         1 => Ok(LockMode::New),
         2 => Ok(LockMode::Any),
         _ => Err(js_error(kvstore_core::Error::invalid("unknown lock mode"))),
+    }
+}
+
+/// Writes a lock's committed record into `out` after a 4-byte little-endian length, -1 when
+/// there is none. False when it does not fit.
+fn copy_locked_record(record: Option<&[u8]>, out: &mut [u8]) -> bool {
+    let length = match record.map(|r| i32::try_from(r.len())) {
+        None => -1,
+        Some(Ok(length)) => length,
+        Some(Err(_)) => return false,
+    };
+    let body = record.unwrap_or_default();
+    match out.get_mut(..4 + body.len()) {
+        Some(target) => {
+            target[..4].copy_from_slice(&length.to_le_bytes());
+            target[4..].copy_from_slice(body);
+            true
+        }
+        None => false,
     }
 }
 
@@ -364,25 +385,7 @@ impl NativeMapStore {
         match acquired.or_js()? {
             Acquire::Granted(grant) => {
                 let locked = self.map.finish_acquire(&key, grant, mode).or_js()?;
-                let length = locked.record.as_ref().map_or(-1, |r| r.len() as i64);
-                let copied = match (&locked.record, out.get_mut(..4)) {
-                    (None, Some(header)) => {
-                        header.copy_from_slice(&(-1i32).to_le_bytes());
-                        true
-                    }
-                    (Some(record), _) if length < i64::from(i32::MAX) => {
-                        match out.get_mut(..4 + record.len()) {
-                            Some(target) => {
-                                target[..4].copy_from_slice(&(length as i32).to_le_bytes());
-                                target[4..].copy_from_slice(record);
-                                true
-                            }
-                            None => false,
-                        }
-                    }
-                    _ => false,
-                };
-                Ok(if copied {
+                Ok(if copy_locked_record(locked.record.as_deref(), &mut out) {
                     Either3::A(locked.token as i64)
                 } else {
                     Either3::B(to_js_locked(locked))

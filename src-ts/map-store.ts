@@ -10,7 +10,7 @@ import { Database } from './database'
 import { EntryLock, type Entry, type LockContext } from './entry-lock'
 import { checkRangeOptions, EntryRange, OpenWalks, type RangeContext, type RangeOptions } from './entry-range'
 import { decodeRecord, readEnvelope, type Metadata } from './envelope'
-import { AbortError, fromNative, InvalidArgumentError, native, settled, StoreClosedError } from './errors'
+import { AbortError, InvalidArgumentError, native, settled, StoreClosedError } from './errors'
 import type { Logger } from './logger'
 import type { NativeLocked, NativeMapStore, NativeStats } from './native'
 import { checkObject, checkTimeout, type OpenOptions } from './options'
@@ -304,11 +304,8 @@ export class MapStore<T = unknown> {
 
   /** Copies `key`'s committed record into the read buffer; its length, or -1 if absent. */
   #readInto(key: string): number {
-    try {
-      return this.#parts.native.getInto(key, this.#readBuffer)
-    } catch (err) {
-      throw fromNative(err)
-    }
+    const buffer = this.#readBuffer
+    return native(() => this.#parts.native.getInto(key, buffer))
   }
 
   /** A walk over one snapshot of committed entries, in byte-wise key order. */

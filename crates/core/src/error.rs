@@ -168,19 +168,7 @@ impl From<std::io::Error> for Error {
 /// Converts any redb failure that is not handled at its call site. Storage I/O keeps its errno;
 /// corruption becomes [`Error::DatabaseCorrupt`].
 pub(crate) fn from_storage(path: &str, err: redb::StorageError) -> Error {
-    match err {
-        redb::StorageError::Io(io) => from_file_io(path, io),
-        redb::StorageError::Corrupted(detail) => Error::DatabaseCorrupt {
-            path: path.to_string(),
-            detail,
-        },
-        // The instance a snapshot belonged to was let go (closed, or swapped at recovery).
-        redb::StorageError::DatabaseClosed => Error::StoreClosed,
-        other => Error::Io {
-            errno: None,
-            message: other.to_string(),
-        },
-    }
+    from_redb(path, err.into())
 }
 
 /// A read past the end of the file means a page pointer points outside it: damage, not I/O.

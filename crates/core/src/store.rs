@@ -267,6 +267,20 @@ fn open_error(path: &str, err: redb::DatabaseError) -> Error {
     }
 }
 
+/// Runs one of redb's opens. redb can panic on some damaged files instead of returning an
+/// error: that is a corrupt file too.
+fn open_guarded(
+    path: &str,
+    open: impl FnOnce() -> std::result::Result<redb::Database, redb::DatabaseError>,
+) -> Result<redb::Database> {
+    catch_unwind(AssertUnwindSafe(open))
+        .map_err(|_| Error::DatabaseCorrupt {
+            path: path.to_string(),
+            detail: "the file could not be read as a redb database".into(),
+        })?
+        .map_err(|e| open_error(path, e))
+}
+
 /// Opens (or creates) the redb file. Returns how long redb spent repairing it, when it was not
 /// closed cleanly (a crash); redb also reports "repair" progress for a brand-new file, which
 /// does not count.
@@ -287,15 +301,10 @@ fn open_redb(
     let storage = backend
         .map(|make| (make.0)(location).map(BoxedBackend))
         .transpose()?;
-    let db = catch_unwind(AssertUnwindSafe(|| match storage {
+    let db = open_guarded(path, || match storage {
         Some(storage) => builder.create_with_backend(storage),
         None => builder.create(location),
-    }))
-    .map_err(|_| Error::DatabaseCorrupt {
-        path: path.to_string(),
-        detail: "the file could not be read as a redb database".into(),
-    })?
-    .map_err(|e| open_error(path, e))?;
+    })?;
     let repaired = (existed && repairing.load(Ordering::Relaxed)).then(|| started.elapsed());
     Ok((db, repaired))
 }
@@ -718,31 +727,31 @@ impl Database {
 
     /// Queues prepared commits (of any maps of this file) as one unit: they share a transaction.
     pub fn submit(&self, commits: Vec<PreparedCommit>) {
-        let jobs: Vec<Job> = commits.into_iter().map(|c| c.0).collect();
-        if jobs.is_empty() {
-            return;
+        if let Some(jobs) = self.writable(commits) {
+            self.handle.shared.queue.submit(Job::Many(jobs));
         }
-        if self.is_closed() {
-            // Closing released this handle's locks; these commits may no longer write.
-            crate::commit_queue::fail_job(Job::Many(jobs), &Error::StoreClosed);
-            return;
-        }
-        self.handle.shared.queue.submit(Job::Many(jobs));
     }
 
     /// As [`Database::submit`], but when the writer is idle the commits are written on this
     /// thread and settled before this returns (true), saving two thread hand-offs. The caller
     /// blocks for the write, fsync included when durable. Otherwise they are queued (false).
     pub fn write_now(&self, commits: Vec<PreparedCommit>) -> bool {
+        self.writable(commits)
+            .is_some_and(|jobs| self.handle.shared.queue.write_inline(jobs))
+    }
+
+    /// The jobs of `commits`, unless there are none or this handle is closed (closing released
+    /// its locks, so they may no longer write: they fail with StoreClosed here).
+    fn writable(&self, commits: Vec<PreparedCommit>) -> Option<Vec<Job>> {
         let jobs: Vec<Job> = commits.into_iter().map(|c| c.0).collect();
         if jobs.is_empty() {
-            return false;
+            return None;
         }
         if self.is_closed() {
             crate::commit_queue::fail_job(Job::Many(jobs), &Error::StoreClosed);
-            return false;
+            return None;
         }
-        self.handle.shared.queue.write_inline(jobs)
+        Some(jobs)
     }
 }
 
@@ -757,12 +766,7 @@ pub fn check_integrity(path: impl AsRef<Path>) -> Result<bool> {
     if registry().contains_key(&key) {
         return Err(Error::DatabaseLocked { path: shown });
     }
-    let mut db = catch_unwind(AssertUnwindSafe(|| redb::Database::open(&key)))
-        .map_err(|_| Error::DatabaseCorrupt {
-            path: shown.clone(),
-            detail: "the file could not be read as a redb database".into(),
-        })?
-        .map_err(|e| open_error(&shown, e))?;
+    let mut db = open_guarded(&shown, || redb::Database::open(&key))?;
     db.check_integrity().map_err(|e| open_error(&shown, e))
 }
 
