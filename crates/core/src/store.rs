@@ -957,7 +957,7 @@ impl MapStore {
             // redb refuses all I/O after an I/O error until the file is reopened: wait for the
             // writer to reopen it and try once more, so a passing fault fails one read only.
             Err(err @ Error::Io { .. }) if !crate::commit_queue::on_writer_thread() => {
-                shared.file.read_failed.store(true, Ordering::SeqCst);
+                shared.read_error(&err);
                 shared.barrier();
                 read().map_err(|_| err)
             }
