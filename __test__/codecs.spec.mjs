@@ -82,13 +82,13 @@ test('a codec that returns something other than bytes is a CodecError', async (t
   t.is(store.getEntry('k'), undefined)
 })
 
-test('the raw codec refuses non-bytes and json refuses undefined', async (t) => {
+test('the raw codec refuses values other than bytes (no value at all is zero bytes: issue-15-surface)', async (t) => {
   const raw = await tempStore(t, { codec: codecs.raw })
-  const lock = await raw.createAndLockEntry('k', { value: 'a string' })
-  await t.throwsAsync(lock.commit(), { code: 'ERR_CODEC' })
-  const json = await tempStore(t, { codec: codecs.json })
-  const j = await json.createAndLockEntry('k')
-  await t.throwsAsync(j.commit(), { code: 'ERR_CODEC' })
+  for (const value of ['a string', null, 1, [1]]) {
+    const lock = await raw.createAndLockEntry('k', { value })
+    await t.throwsAsync(lock.commit(), { code: 'ERR_CODEC' })
+  }
+  t.is(raw.count(), 0)
 })
 
 test('metadata must be strings', async (t) => {

@@ -4,7 +4,7 @@ import { native, settled, StoreClosedError } from './errors'
 import { silentLogger, type Logger } from './logger'
 import { MapStore } from './map-store'
 import { binding, type NativeDatabase } from './native'
-import { checkDatabaseOptions, checkLogger, checkMapOptions, checkTableName, checkTimeout, type DatabaseOptions, type MapStoreOptions } from './options'
+import { checkDatabaseOptions, checkLogger, checkMapOptions, checkPath, checkTableName, checkTimeout, type DatabaseOptions, type MapStoreOptions } from './options'
 
 export class Database {
   readonly #native: NativeDatabase
@@ -35,7 +35,7 @@ export class Database {
 
   /** @internal */
   static openSync(path: string, options: DatabaseOptions = {}, onClose?: () => void): Database {
-    if (typeof path !== 'string') throw new TypeError(`path must be a string, got ${typeof path}`)
+    checkPath('path', path)
     const { durable, pageCacheBytes, syncIntervalMs } = checkDatabaseOptions(options)
     const handle = native(() => binding.NativeDatabase.open(path, { durable, pageCacheBytes, syncIntervalMs }))
     const repairMs = handle.repairMs
@@ -50,7 +50,7 @@ export class Database {
    * it had to be repaired; DatabaseCorruptError when it cannot be.
    */
   static async checkIntegrity(path: string): Promise<boolean> {
-    if (typeof path !== 'string') throw new TypeError(`path must be a string, got ${typeof path}`)
+    checkPath('path', path)
     return native(() => binding.checkIntegrity(path))
   }
 
@@ -95,7 +95,7 @@ export class Database {
    * not exist). Commits go on meanwhile; the copy is renamed into place only when complete.
    */
   async backup(destPath: string): Promise<void> {
-    if (typeof destPath !== 'string') throw new TypeError(`destPath must be a string, got ${typeof destPath}`)
+    checkPath('destPath', destPath)
     this.#checkOpen()
     return settled(native(() => this.#native.backup(destPath)))
   }

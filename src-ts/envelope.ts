@@ -24,10 +24,44 @@ function writeVarint(buf: Buffer, at: number, n: number): number {
   return at
 }
 
-export function encodeRecord(key: string, metadata: Metadata, value: Uint8Array): Buffer {
+/**
+ * Checks that `metadata` is a plain object of well-formed strings: anything else would be
+ * dropped or changed on its way into the record (symbol keys, a Map's entries, lone surrogates).
+ */
+export function checkMetadata(key: string | undefined, metadata: unknown): asserts metadata is Metadata {
+  const of = key === undefined ? '' : ` of '${key}'`
   if (typeof metadata !== 'object' || metadata === null) {
-    throw new InvalidArgumentError(`metadata of '${key}' must be an object of strings`)
+    throw new InvalidArgumentError(`metadata${of} must be an object of strings`)
   }
+  const proto: unknown = Object.getPrototypeOf(metadata)
+  if (proto !== Object.prototype && proto !== null) {
+    throw new InvalidArgumentError(`metadata${of} must be a plain object of strings, got ${Array.isArray(metadata) ? 'an array' : `a ${metadata.constructor?.name ?? 'object'}`}`)
+  }
+  if (Object.getOwnPropertySymbols(metadata).length > 0) {
+    throw new InvalidArgumentError(`metadata${of} must have string names, not symbols`)
+  }
+  for (const name of Object.keys(metadata)) {
+    if (!name.isWellFormed()) {
+      throw new InvalidArgumentError(`metadata name ${JSON.stringify(name)}${of} is not well-formed Unicode (it holds a lone surrogate)`)
+    }
+    const text = (metadata as Record<string, unknown>)[name]
+    if (typeof text !== 'string') {
+      throw new InvalidArgumentError(`metadata '${name}'${of} must be a string, got ${text === null ? 'null' : typeof text}`)
+    }
+    if (!text.isWellFormed()) {
+      throw new InvalidArgumentError(`metadata '${name}'${of} is not well-formed Unicode (it holds a lone surrogate): ${JSON.stringify(text)}`)
+    }
+  }
+}
+
+/** Sets `name` as an own property, also `__proto__` (which plain assignment would swallow). */
+export function setMetadata(metadata: Metadata, name: string, value: string): void {
+  if (name === '__proto__') Object.defineProperty(metadata, name, { value, enumerable: true, writable: true, configurable: true })
+  else metadata[name] = value
+}
+
+export function encodeRecord(key: string, metadata: Metadata, value: Uint8Array): Buffer {
+  checkMetadata(key, metadata)
   const names = Object.keys(metadata)
   if (names.length === 0) {
     const out = Buffer.allocUnsafe(2 + value.length)
@@ -39,12 +73,8 @@ export function encodeRecord(key: string, metadata: Metadata, value: Uint8Array)
   const parts: Buffer[] = []
   let size = 1 + varintLength(names.length) + value.length
   for (const name of names) {
-    const text = metadata[name]
-    if (typeof text !== 'string') {
-      throw new InvalidArgumentError(`metadata '${name}' of '${key}' must be a string, got ${typeof text}`)
-    }
     const k = Buffer.from(name)
-    const v = Buffer.from(text)
+    const v = Buffer.from(metadata[name])
     parts.push(k, v)
     size += varintLength(k.length) + k.length + varintLength(v.length) + v.length
   }
@@ -99,7 +129,7 @@ export function readEnvelope(key: string, bytes: Buffer, start: number, end: num
   const metadata: Metadata = {}
   for (let i = 0; i < count; i++) {
     const name = text()
-    metadata[name] = text()
+    setMetadata(metadata, name, text())
   }
   return { metadata, valueStart: at }
 }

@@ -9,11 +9,11 @@ import { decodeValue } from './codecs'
 import { Database } from './database'
 import { EntryLock, type Entry, type LockContext } from './entry-lock'
 import { checkRangeOptions, EntryRange, OpenWalks, type RangeContext, type RangeOptions } from './entry-range'
-import { decodeRecord, readEnvelope, type Metadata } from './envelope'
+import { checkMetadata, decodeRecord, readEnvelope, type Metadata } from './envelope'
 import { AbortError, InvalidArgumentError, native, settled, StoreClosedError } from './errors'
 import type { Logger } from './logger'
 import type { NativeLocked, NativeMapStore, NativeStats } from './native'
-import { checkObject, checkTimeout, type OpenOptions } from './options'
+import { checkObject, checkTimeout, checkWellFormedKey, type OpenOptions } from './options'
 
 export interface LockOptions {
   /** Give up waiting after this many ms with LockTimeoutError (default: the store's lockTimeoutMs). */
@@ -69,6 +69,34 @@ export interface MapStoreParts<T> {
 
 function checkKey(key: unknown): asserts key is string {
   if (typeof key !== 'string') throw new TypeError(`a key must be a string, got ${key === null ? 'null' : typeof key}`)
+  checkWellFormedKey('the key', key)
+}
+
+/** prefix, start and stop name keys: a lone surrogate in them is IllegalKeyError, as in a key. */
+function checkRangeKeys(options: RangeOptions): RangeOptions {
+  const checked = checkRangeOptions(options)
+  for (const name of ['prefix', 'start', 'stop'] as const) {
+    const text = checked[name]
+    if (text !== undefined) checkWellFormedKey(name, text)
+  }
+  return checked
+}
+
+/** setTimeout's longest delay (2^31 − 1 ms, about 24.8 days); longer ones fire at once. */
+const LONGEST_TIMER = 2 ** 31 - 1
+
+/**
+ * Calls `fire` after `ms` (finite), however long: delays over setTimeout's limit are a chain of
+ * timers. Returns the cancel function.
+ */
+function longTimeout(fire: () => void, ms: number): () => void {
+  let timer: NodeJS.Timeout
+  const arm = (delay: number): void => {
+    if (delay <= LONGEST_TIMER) timer = setTimeout(fire, delay)
+    else timer = setTimeout(() => arm(delay - LONGEST_TIMER), LONGEST_TIMER)
+  }
+  arm(ms)
+  return () => clearTimeout(timer)
 }
 
 function isPromise<T>(value: T | Promise<T>): value is Promise<T> {
@@ -182,7 +210,7 @@ export class MapStore<T = unknown> {
     const store = this.#parts.native
     // Waiting: the core owns the queue; a timeout or abort asks it to drop this waiter, which
     // then rejects the promise below (unless the lock was granted first).
-    const timer = Number.isFinite(timeoutMs) ? setTimeout(() => store.cancelWait(key, ticket, 'timeout'), timeoutMs) : undefined
+    const cancelTimer = Number.isFinite(timeoutMs) ? longTimeout(() => store.cancelWait(key, ticket, 'timeout'), timeoutMs) : undefined
     const onAbort = (): void => {
       store.cancelWait(key, ticket, 'abort')
     }
@@ -197,7 +225,7 @@ export class MapStore<T = unknown> {
       if (err instanceof AbortError && signal?.aborted) throw new AbortError(undefined, { cause: signal.reason })
       throw err
     } finally {
-      clearTimeout(timer)
+      cancelTimer?.()
       signal?.removeEventListener('abort', onAbort)
     }
   }
@@ -230,11 +258,9 @@ export class MapStore<T = unknown> {
    */
   async createAndLockEntry(key: string | undefined, options: CreateOptions<T> = {}): Promise<EntryLock<T>> {
     checkObject('options', options)
+    if (key !== undefined) checkKey(key)
+    if (options.metadata !== undefined) checkMetadata(key, options.metadata)
     if (key === undefined) key = await this.generateNextKey()
-    checkKey(key)
-    if (options.metadata !== undefined && (typeof options.metadata !== 'object' || options.metadata === null)) {
-      throw new InvalidArgumentError('metadata must be an object of strings')
-    }
     const locked = this.#lock(key, options.allowExisting ? MODE_ANY : MODE_NEW, options)
     return this.#handle(key, isPromise(locked) ? await locked : locked, options)
   }
@@ -311,13 +337,13 @@ export class MapStore<T = unknown> {
   /** A walk over one snapshot of committed entries, in byte-wise key order. */
   getEntries(options: RangeOptions = {}): EntryRange<T> {
     this.#checkOpen()
-    return new EntryRange(this.#rangeContext, checkRangeOptions(options))
+    return new EntryRange(this.#rangeContext, checkRangeKeys(options))
   }
 
   /** How many committed entries match. */
   count(options: RangeOptions = {}): number {
     this.#checkOpen()
-    const checked = checkRangeOptions(options)
+    const checked = checkRangeKeys(options)
     return native(() => this.#parts.native.count(checked))
   }
 

@@ -1,7 +1,35 @@
 // Option shapes and their checks: bad values are InvalidArgumentError before anything opens.
 import type { Codec } from './codecs'
-import { InvalidArgumentError } from './errors'
+import { IllegalKeyError, InvalidArgumentError } from './errors'
 import type { Logger } from './logger'
+
+declare global {
+  interface String {
+    /** ES2024; in Node since 20. */
+    isWellFormed(): boolean
+  }
+}
+
+/**
+ * Keys, table names, metadata and paths cross into the core as UTF-8, where a lone surrogate
+ * would become U+FFFD: two different JS strings would name one entry. Such strings are refused.
+ */
+export function isWellFormed(text: string): boolean {
+  return text.isWellFormed()
+}
+
+/** A key-like string (key, prefix, start, stop, table name) that is not well-formed Unicode → IllegalKeyError. */
+export function checkWellFormedKey(what: string, text: string): void {
+  if (!text.isWellFormed()) throw new IllegalKeyError(`${what} ${JSON.stringify(text)} is not well-formed Unicode (it holds a lone surrogate)`)
+}
+
+/** A file path: a non-empty, well-formed string, else InvalidArgumentError. */
+export function checkPath(name: string, path: unknown): string {
+  if (typeof path !== 'string') throw new TypeError(`${name} must be a string, got ${path === null ? 'null' : typeof path}`)
+  if (path.length === 0) throw new InvalidArgumentError(`${name} must not be empty`)
+  if (!path.isWellFormed()) throw new InvalidArgumentError(`${name} ${JSON.stringify(path)} is not well-formed Unicode (it holds a lone surrogate)`)
+  return path
+}
 
 export type Durability = 'immediate' | 'none'
 
@@ -96,6 +124,7 @@ export function checkDatabaseOptions(options: DatabaseOptions): { durable: boole
 
 export function checkTableName(name: unknown): string {
   if (typeof name !== 'string') throw new TypeError(`a table name must be a string, got ${typeof name}`)
+  checkWellFormedKey('the table name', name)
   if (name.length === 0 || Buffer.byteLength(name) > 255) invalid('table', name, 'a name of 1 to 255 bytes')
   return name
 }
