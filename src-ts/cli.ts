@@ -1,11 +1,13 @@
 #!/usr/bin/env node
-// kvstore <command> <file> — look inside a store from the shell. Values are shown as JSON; a
-// table with a codec this tool does not know is shown (and loaded) as base64 of its bytes.
-import { existsSync } from 'node:fs'
+// kvstore <command> <file> — look inside a store from the shell. Values are shown as JSON. A dump
+// carries the table's codec (a header line) and each value's stored bytes (base64), so `load`
+// recreates the table byte for byte; the JSON `value` beside them is for reading.
+import { existsSync, readFileSync } from 'node:fs'
 import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 import { codecs, type Codec } from './codecs'
 import { Database } from './database'
+import { checkMetadata, type Metadata } from './envelope'
 import { KvStoreError } from './errors'
 import type { MapStore } from './map-store'
 
@@ -13,8 +15,19 @@ const HELP: Record<string, string> = {
   stats: 'kvstore stats <file> [--table name]\n  Entries, file size, cache, locks and commit counts, as JSON.',
   ls: 'kvstore ls <file> [--table name] [--prefix p] [--limit n]\n  One key per line, in key order.',
   get: 'kvstore get <file> <key> [--table name]\n  The entry as JSON: { key, value, metadata }.',
-  dump: 'kvstore dump <file> [--table name]\n  Every entry as a JSON line { key, value, metadata } on stdout.',
-  load: 'kvstore load <file> [--table name]\n  Reads JSON lines { key, value, metadata } from stdin; creates or replaces each entry.',
+  dump: [
+    'kvstore dump <file> [--table name]',
+    '  The table as JSON lines on stdout: a header { kvstore: "dump", format: 1, table, codec }, then',
+    '  { key, value, metadata, bytes } per entry; bytes is the stored value (base64), value its JSON',
+    '  reading (absent for raw and unknown codecs).',
+  ].join('\n'),
+  load: [
+    'kvstore load <file> [--table name]',
+    "  Reads JSON lines from stdin and creates or replaces each entry. The table is --table, else the",
+    "  header's, else 'default'; a new table gets the header's codec. An entry is stored from its",
+    '  bytes (base64) when given, else its value is encoded with the codec. Bad lines are reported by',
+    '  number and skipped; the others are written; the exit code is 1 if any line was not loaded.',
+  ].join('\n'),
   tables: 'kvstore tables <file>\n  The maps in the file and their codecs.',
   compact: 'kvstore compact <file>\n  Reclaims free space in the file.',
   backup: 'kvstore backup <file> <dest>\n  Writes a consistent copy of the file to <dest>.',
@@ -25,28 +38,48 @@ const USAGE = `usage: kvstore <command> <file> [options]\n\ncommands:\n${Object.
   .join('\n')}\n\nkvstore <command> --help for more.`
 
 class UsageError extends Error {}
+/** Some input was not taken; reported line by line already. */
+class IncompleteError extends Error {}
 
-const bigints = (_key: string, value: unknown): unknown => (typeof value === 'bigint' ? value.toString() : value)
+/** JSON for reading: BigInts as strings (JSON has no integers that large). */
+const readable = (_key: string, value: unknown): unknown => (typeof value === 'bigint' ? value.toString() : value)
 
 function base64Codec(name: string): Codec<string> {
   return { name, encode: (value) => Buffer.from(value, 'base64'), decode: (bytes) => bytes.toString('base64') }
 }
 
+const known = codecs as Record<string, Codec<unknown>>
+
 function codecFor(name: string): Codec<unknown> {
-  const known = (codecs as Record<string, Codec<unknown>>)[name]
-  return known ?? (base64Codec(name) as Codec<unknown>)
+  return known[name] ?? (base64Codec(name) as Codec<unknown>)
 }
 
-function openTable(db: Database, table: string, createIfMissing = false): MapStore<unknown> {
-  const found = db.tables().find((t) => t.name === table)
-  if (!found && !createIfMissing) {
-    const names = db.tables().map((t) => t.name)
-    throw new UsageError(`no table '${table}' in ${db.path} (tables: ${names.length ? names.join(', ') : 'none'})`)
-  }
-  return db.mapStore(table, { codec: codecFor(found?.codec ?? 'msgpack') })
+/** The codec whose value is JSON-readable: not raw (bytes) and not one this tool does not know. */
+function readableCodec(name: string): Codec<unknown> | undefined {
+  return name === 'raw' ? undefined : known[name]
 }
 
-function progress(label: string): { tick(): void; done(): void } {
+/** Stores and returns the value's bytes as they are, under the table's codec name. */
+function bytesCodec(name: string): Codec<Uint8Array> {
+  return { name, encode: (bytes) => bytes, decode: (bytes) => bytes }
+}
+
+function tableCodec(db: Database, table: string): string | undefined {
+  return db.tables().find((t) => t.name === table)?.codec
+}
+
+function missingTable(db: Database, table: string): UsageError {
+  const names = db.tables().map((t) => t.name)
+  return new UsageError(`no table '${table}' in ${db.path} (tables: ${names.length ? names.join(', ') : 'none'})`)
+}
+
+function openTable(db: Database, table: string): MapStore<unknown> {
+  const codec = tableCodec(db, table)
+  if (codec === undefined) throw missingTable(db, table)
+  return db.mapStore(table, { codec: codecFor(codec) })
+}
+
+function progress(label: string, keep = true): { tick(): void; done(): void } {
   if (!process.stderr.isTTY) return { tick() {}, done() {} }
   let n = 0
   let last = 0
@@ -60,17 +93,243 @@ function progress(label: string): { tick(): void; done(): void } {
       }
     },
     done() {
-      process.stderr.write(`\r${label} ${n.toLocaleString()} entries\n`)
+      process.stderr.write(keep ? `\r${label} ${n.toLocaleString()} entries\n` : '\r\x1b[K')
     },
   }
 }
 
-async function main(argv: string[]): Promise<void> {
+/**
+ * stdout that may be closed by its reader (`kvstore dump f | head`): an EPIPE ends the output
+ * quietly instead of crashing the process with the store left open.
+ */
+class Output {
+  #closed = false
+
+  constructor() {
+    process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+      this.#closed = true
+      if (err.code !== 'EPIPE') process.stderr.write(`kvstore: cannot write the output: ${err.message}\n`)
+    })
+    // A reader of stderr may go away too; nothing more to say then.
+    process.stderr.on('error', () => {})
+  }
+
+  /** False once the reader has gone: stop producing output. */
+  get open(): boolean {
+    return !this.#closed && !process.stdout.destroyed
+  }
+
+  /** Writes a line, waiting while the reader is behind; false once the reader has gone. */
+  async line(text: string): Promise<boolean> {
+    if (!this.open) return false
+    if (process.stdout.write(`${text}\n`)) return true
+    if (!this.open) return false
+    await new Promise<void>((resolve) => {
+      const done = (): void => {
+        process.stdout.off('drain', done)
+        process.stdout.off('close', done)
+        process.stdout.off('error', done)
+        resolve()
+      }
+      process.stdout.on('drain', done)
+      process.stdout.on('close', done)
+      process.stdout.on('error', done)
+    })
+    return this.open
+  }
+}
+
+/**
+ * The command line arguments as the OS gave them (Linux): bytes that are not UTF-8 reach
+ * process.argv as U+FFFD, so `get` would read another key. Such an argument is refused.
+ */
+function checkArgumentBytes(count: number): void {
+  let raw: Buffer
+  try {
+    raw = readFileSync('/proc/self/cmdline')
+  } catch {
+    return
+  }
+  const parts: Buffer[] = []
+  let at = 0
+  for (let end = raw.indexOf(0, at); end !== -1; end = raw.indexOf(0, at)) {
+    parts.push(raw.subarray(at, end))
+    at = end + 1
+  }
+  const args = parts.slice(parts.length - count)
+  const decoder = new TextDecoder('utf-8', { fatal: true })
+  for (const [i, arg] of args.entries()) {
+    try {
+      decoder.decode(arg)
+    } catch {
+      throw new UsageError(`argument ${i + 1} is not valid UTF-8 (${JSON.stringify(arg.toString('utf8'))}); keys and names must be well-formed Unicode`)
+    }
+  }
+}
+
+interface DumpHeader {
+  kvstore: 'dump'
+  format: 1
+  table: string
+  codec: string
+}
+
+function isHeader(line: unknown): line is DumpHeader {
+  return typeof line === 'object' && line !== null && (line as { kvstore?: unknown }).kvstore === 'dump'
+}
+
+async function dump(db: Database, table: string, out: Output): Promise<void> {
+  const codec = tableCodec(db, table)
+  if (codec === undefined) throw missingTable(db, table)
+  const store = db.mapStore(table, { codec: bytesCodec(codec) })
+  const header: DumpHeader = { kvstore: 'dump', format: 1, table, codec }
+  if (!(await out.line(JSON.stringify(header)))) return
+  const reader = readableCodec(codec)
+  const bar = progress('dumped')
+  let damaged = 0
+  for (const item of store.getEntries()) {
+    let line: string
+    try {
+      const bytes = item.value as Buffer
+      const record: Record<string, unknown> = { key: item.key }
+      if (reader) record.value = reader.decode(bytes)
+      record.metadata = item.metadata
+      record.bytes = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('base64')
+      line = JSON.stringify(record, readable)
+    } catch (err) {
+      damaged++
+      process.stderr.write(`kvstore: entry '${item.key}' not dumped: ${err instanceof Error ? err.message : String(err)}\n`)
+      continue
+    }
+    if (!(await out.line(line))) break
+    bar.tick()
+  }
+  bar.done()
+  if (damaged > 0) throw new IncompleteError(`${damaged} ${damaged === 1 ? 'entry' : 'entries'} could not be dumped`)
+}
+
+const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/
+
+async function load(file: string, tableOption: string | undefined, out: Output): Promise<void> {
+  const lines = createInterface({ input: process.stdin, crlfDelay: Infinity })[Symbol.asyncIterator]()
+  let number = 0
+  let first: { number: number; parsed: unknown; text: string } | undefined
+  // The first line may be a dump's header: it names the table and its codec.
+  for (let next = await lines.next(); !next.done; next = await lines.next()) {
+    number++
+    if (next.value.trim() === '') continue
+    let parsed: unknown
+    try {
+      parsed = JSON.parse(next.value)
+    } catch {
+      parsed = undefined
+    }
+    first = { number, parsed, text: next.value }
+    break
+  }
+  let header: DumpHeader | undefined
+  if (first !== undefined && isHeader(first.parsed)) {
+    header = first.parsed
+    if (header.format !== 1) throw new UsageError(`line ${first.number}: a dump of format ${JSON.stringify(header.format)}; this tool reads format 1`)
+    if (typeof header.codec !== 'string' || header.codec === '' || typeof header.table !== 'string') {
+      throw new UsageError(`line ${first.number}: the dump header needs "table" and "codec" strings`)
+    }
+    first = undefined
+  }
+  const table = tableOption ?? header?.table ?? 'default'
+  const db = await Database.open(file)
+  try {
+    const codec = tableCodec(db, table) ?? header?.codec ?? 'msgpack'
+    // A table with another codec fails here (CodecMismatchError), before anything is written.
+    const store = db.mapStore(table, { codec: bytesCodec(header?.codec ?? codec) })
+    const encoder = readableCodec(codec)
+    const bar = progress('loaded', false)
+    const inFlight = new Set<Promise<void>>()
+    let written = 0
+    let refused = 0
+    const refuse = (at: number, why: string): void => {
+      refused++
+      process.stderr.write(`kvstore: line ${at}: ${why}\n`)
+    }
+    const take = async (at: number, text: string, parsed: unknown): Promise<void> => {
+      const entry = parseRecord(text, parsed, codec, encoder)
+      if (typeof entry === 'string') return refuse(at, entry)
+      const write = (async () => {
+        try {
+          const lock = await store.createAndLockEntry(entry.key, { allowExisting: true })
+          lock.entry.value = entry.bytes
+          lock.entry.metadata = entry.metadata
+          await lock.commit()
+          written++
+          bar.tick()
+        } catch (err) {
+          refuse(at, err instanceof KvStoreError ? `${err.message} (${err.code})` : String(err))
+        }
+      })()
+      inFlight.add(write)
+      void write.finally(() => inFlight.delete(write))
+      if (inFlight.size >= 256) await Promise.race(inFlight)
+    }
+    if (first !== undefined) await take(first.number, first.text, first.parsed)
+    for (let next = await lines.next(); !next.done; next = await lines.next()) {
+      number++
+      if (next.value.trim() === '') continue
+      let parsed: unknown
+      try {
+        parsed = JSON.parse(next.value)
+      } catch {
+        refuse(number, 'not JSON')
+        continue
+      }
+      if (isHeader(parsed)) {
+        refuse(number, 'a dump header is only taken on the first line')
+        continue
+      }
+      await take(number, next.value, parsed)
+    }
+    await Promise.all(inFlight)
+    bar.done()
+    await out.line(`loaded ${written} ${written === 1 ? 'entry' : 'entries'} into table '${table}' of ${db.path}`)
+    if (refused > 0) throw new IncompleteError(`${refused} ${refused === 1 ? 'line was' : 'lines were'} not loaded`)
+  } finally {
+    await db.close()
+  }
+}
+
+/** A record line checked and encoded, or why it cannot be taken. */
+function parseRecord(text: string, parsed: unknown, codec: string, encoder: Codec<unknown> | undefined): { key: string; bytes: Uint8Array; metadata: Metadata } | string {
+  if (parsed === undefined) return `not JSON: ${text.length > 60 ? `${text.slice(0, 60)}…` : text}`
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) return 'not a JSON object { key, value, metadata }'
+  const line = parsed as { key?: unknown; value?: unknown; metadata?: unknown; bytes?: unknown }
+  if (!('key' in line)) return 'no "key" (load writes the keys it is given; it makes no new keys)'
+  if (typeof line.key !== 'string') return `"key" must be a string, got ${line.key === null ? 'null' : typeof line.key}`
+  if (line.key === '') return '"key" must not be empty'
+  if (!line.key.isWellFormed()) return `"key" ${JSON.stringify(line.key)} is not well-formed Unicode`
+  const metadata = line.metadata ?? {}
+  try {
+    checkMetadata(line.key, metadata)
+  } catch (err) {
+    return (err as Error).message
+  }
+  if (line.bytes !== undefined) {
+    if (typeof line.bytes !== 'string' || !BASE64.test(line.bytes)) return '"bytes" must be the stored value in base64'
+    return { key: line.key, bytes: Buffer.from(line.bytes, 'base64'), metadata }
+  }
+  if (encoder === undefined) return `the table's codec is '${codec}': give the stored value as base64 in "bytes"`
+  try {
+    return { key: line.key, bytes: encoder.encode(line.value), metadata }
+  } catch (err) {
+    return `the ${codec} codec cannot encode "value": ${(err as Error).message}`
+  }
+}
+
+async function main(argv: string[], out: Output): Promise<void> {
+  checkArgumentBytes(argv.length)
   const { values, positionals } = parseArgs({
     args: argv,
     allowPositionals: true,
     options: {
-      table: { type: 'string', default: 'default' },
+      table: { type: 'string' },
       prefix: { type: 'string' },
       limit: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
@@ -89,69 +348,44 @@ async function main(argv: string[]): Promise<void> {
     return
   }
   if (file === undefined) throw new UsageError(HELP[command])
-  if (!existsSync(file) && command !== 'load') throw new UsageError(`no such file: ${file}`)
+  if (command === 'load') return load(file, values.table, out)
+  if (!existsSync(file)) throw new UsageError(`no such file: ${file}`)
+  const table = values.table ?? 'default'
   const db = await Database.open(file)
   try {
-    const out = (line: string): boolean => process.stdout.write(`${line}\n`)
     switch (command) {
       case 'tables':
-        for (const t of db.tables()) out(`${t.name}\t${t.codec}`)
+        for (const t of db.tables()) if (!(await out.line(`${t.name}\t${t.codec}`))) break
         break
       case 'stats':
-        out(JSON.stringify(openTable(db, values.table).stats(), null, 2))
+        await out.line(JSON.stringify(openTable(db, table).stats(), null, 2))
         break
       case 'ls': {
         const limit = values.limit === undefined ? undefined : Number(values.limit)
-        for (const { key } of openTable(db, values.table).getEntries({ prefix: values.prefix, limit, keysOnly: true })) out(key)
+        for (const { key } of openTable(db, table).getEntries({ prefix: values.prefix, limit, keysOnly: true })) {
+          if (!(await out.line(key))) break
+        }
         break
       }
       case 'get': {
         const key = rest[0]
         if (key === undefined) throw new UsageError(HELP.get)
-        const entry = openTable(db, values.table).getEntry(key)
-        if (entry === undefined) throw new UsageError(`no entry '${key}' in table '${values.table}'`)
-        out(JSON.stringify(entry, bigints))
+        const entry = openTable(db, table).getEntry(key)
+        if (entry === undefined) throw new UsageError(`no entry '${key}' in table '${table}'`)
+        await out.line(JSON.stringify(entry, readable))
         break
       }
-      case 'dump': {
-        const bar = progress('dumped')
-        for (const item of openTable(db, values.table).getEntries()) {
-          if (!out(JSON.stringify(item, bigints))) await new Promise((resolve) => process.stdout.once('drain', resolve))
-          bar.tick()
-        }
-        bar.done()
+      case 'dump':
+        await dump(db, table, out)
         break
-      }
-      case 'load': {
-        const store = openTable(db, values.table, true)
-        const bar = progress('loaded')
-        const inFlight = new Set<Promise<void>>()
-        for await (const line of createInterface({ input: process.stdin })) {
-          if (line.trim() === '') continue
-          const { key, value, metadata = {} } = JSON.parse(line) as { key: string; value: unknown; metadata?: Record<string, string> }
-          const write = (async () => {
-            const lock = await store.createAndLockEntry(key, { allowExisting: true })
-            lock.entry.value = value
-            lock.entry.metadata = metadata
-            await lock.commit()
-            bar.tick()
-          })()
-          inFlight.add(write)
-          write.finally(() => inFlight.delete(write)).catch(() => {})
-          if (inFlight.size >= 256) await Promise.race(inFlight)
-        }
-        await Promise.all(inFlight)
-        bar.done()
-        break
-      }
       case 'compact':
-        out((await db.compact()) ? 'compacted' : 'nothing to compact')
+        await out.line((await db.compact()) ? 'compacted' : 'nothing to compact')
         break
       case 'backup': {
         const dest = rest[0]
         if (dest === undefined) throw new UsageError(HELP.backup)
         await db.backup(dest)
-        out(`backed up to ${dest}`)
+        await out.line(`backed up to ${dest}`)
         break
       }
     }
@@ -160,7 +394,7 @@ async function main(argv: string[]): Promise<void> {
   }
 }
 
-main(process.argv.slice(2)).catch((err: unknown) => {
+main(process.argv.slice(2), new Output()).catch((err: unknown) => {
   const message = err instanceof KvStoreError ? `${err.message} (${err.code})` : err instanceof Error ? err.message : String(err)
   process.stderr.write(`kvstore: ${message}\n`)
   process.exitCode = err instanceof UsageError ? 2 : 1
