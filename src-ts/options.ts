@@ -10,13 +10,8 @@ declare global {
   }
 }
 
-/**
- * Keys, table names, metadata and paths cross into the core as UTF-8, where a lone surrogate
- * would become U+FFFD: two different JS strings would name one entry. Such strings are refused.
- */
-export function isWellFormed(text: string): boolean {
-  return text.isWellFormed()
-}
+// Keys, table names, metadata and paths cross into the core as UTF-8, where a lone surrogate
+// would become U+FFFD: two different JS strings would name one entry. Such strings are refused.
 
 /** A key-like string (key, prefix, start, stop, table name) that is not well-formed Unicode → IllegalKeyError. */
 export function checkWellFormedKey(what: string, text: string): void {
