@@ -16,7 +16,8 @@ async function kvstore(args, input) {
   child.stdout.on('data', (d) => (stdout += d))
   child.stderr.on('data', (d) => (stderr += d))
   child.stdin.end(input ?? '')
-  const [code] = await once(child, 'exit')
+  // 'close', not 'exit': the output may still be in the pipes when the process exits.
+  const [code] = await once(child, 'close')
   return { code, stdout, stderr }
 }
 

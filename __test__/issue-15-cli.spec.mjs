@@ -16,7 +16,8 @@ async function run(command, args, input) {
   child.stdout.on('data', (d) => (stdout += d))
   child.stderr.on('data', (d) => (stderr += d))
   child.stdin.end(input ?? '')
-  const [code] = await once(child, 'exit')
+  // 'close', not 'exit': the output may still be in the pipes when the process exits.
+  const [code] = await once(child, 'close')
   return { code, stdout, stderr }
 }
 
@@ -161,6 +162,24 @@ test('15.9 loading a dump into a table with another codec is refused before anyt
   t.is(load.code, 1)
   t.regex(load.stderr, /ERR_CODEC_MISMATCH/)
   t.deepEqual(await storedBytes(target, 't', 'msgpack'), [])
+})
+
+test('15.9 a value that does not decode is dumped with its bytes (and reported), so load keeps it', async (t) => {
+  const source = join(tempDir(t), 'bad.redb')
+  const bytes = { name: 'msgpack', encode: (b) => b, decode: (b) => b }
+  const store = await kv.MapStore.open(source, { table: 't', codec: bytes })
+  await put(store, 'bad', Buffer.from([0x92, 0x01]), { m: 'x' }) // an array of 2 with one item
+  await put(store, 'good', kv.codecs.msgpack.encode({ a: 1 }))
+  await store.close()
+  const dump = await kvstore(['dump', source, '--table', 't'])
+  t.is(dump.code, 1)
+  t.regex(dump.stderr, /^kvstore: entry 'bad' dumped without "value" \(its bytes do not decode as msgpack\): /)
+  const lines = dump.stdout.trim().split('\n').map((l) => JSON.parse(l))
+  t.deepEqual(lines[1], { key: 'bad', metadata: { m: 'x' }, bytes: Buffer.from([0x92, 0x01]).toString('base64') })
+  t.deepEqual(lines[2], { key: 'good', value: { a: 1 }, metadata: {}, bytes: lines[2].bytes })
+  const target = join(tempDir(t), 'bad-copy.redb')
+  t.is((await kvstore(['load', target], dump.stdout)).code, 0)
+  t.deepEqual(await storedBytes(target, 't', 'msgpack'), await storedBytes(source, 't', 'msgpack'))
 })
 
 // 15.10 --------------------------------------------------------------------------------------

@@ -187,25 +187,38 @@ async function dump(db: Database, table: string, out: Output): Promise<void> {
   const reader = readableCodec(codec)
   const bar = progress('dumped')
   let damaged = 0
+  const report = (key: string, what: string, err: unknown): void => {
+    damaged++
+    process.stderr.write(`kvstore: entry '${key}' ${what}: ${err instanceof Error ? err.message : String(err)}\n`)
+  }
   for (const item of store.getEntries()) {
-    let line: string
+    let bytes: Buffer
+    let metadata: Metadata
     try {
-      const bytes = item.value as Buffer
-      const record: Record<string, unknown> = { key: item.key }
-      if (reader) record.value = reader.decode(bytes)
-      record.metadata = item.metadata
-      record.bytes = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('base64')
-      line = JSON.stringify(record, readable)
+      bytes = item.value as Buffer
+      metadata = item.metadata
     } catch (err) {
-      damaged++
-      process.stderr.write(`kvstore: entry '${item.key}' not dumped: ${err instanceof Error ? err.message : String(err)}\n`)
+      // A damaged envelope: neither its metadata nor its value can be told apart.
+      report(item.key, 'not dumped', err)
       continue
     }
-    if (!(await out.line(line))) break
+    // The JSON reading comes first on the line, for people; load uses the bytes.
+    const record: Record<string, unknown> = { key: item.key }
+    if (reader) {
+      try {
+        record.value = reader.decode(bytes)
+      } catch (err) {
+        // Its bytes are dumped as they are, so load keeps them; only the reading is missing.
+        report(item.key, `dumped without "value" (its bytes do not decode as ${codec})`, err)
+      }
+    }
+    record.metadata = metadata
+    record.bytes = bytes.toString('base64')
+    if (!(await out.line(JSON.stringify(record, readable)))) break
     bar.tick()
   }
   bar.done()
-  if (damaged > 0) throw new IncompleteError(`${damaged} ${damaged === 1 ? 'entry' : 'entries'} could not be dumped`)
+  if (damaged > 0) throw new IncompleteError(`${damaged} ${damaged === 1 ? 'entry' : 'entries'} could not be read in full`)
 }
 
 const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/
