@@ -114,9 +114,21 @@ impl<S: Clone> EntryCache<S> {
         drop(stale);
     }
 
-    /// Lets go of the kept snapshot (at close, so the file is not held open).
+    /// Lets go of the kept snapshot. The writer does this after every transaction, whatever
+    /// tables it wrote: a live read transaction stops redb from reusing the pages freed since,
+    /// so a snapshot kept by a rarely written table would grow the file without bound.
     pub fn forget_snapshot(&self) {
         let stale = self.state().snapshot.take();
+        drop(stale);
+    }
+
+    /// Lets go of the kept snapshot and refuses any snapshot opened before now (compaction and
+    /// close need every read transaction gone, including one a reader is about to keep).
+    pub fn refuse_snapshots(&self) {
+        let mut state = self.state();
+        state.generation += 1;
+        let stale = state.snapshot.take();
+        drop(state);
         drop(stale);
     }
 

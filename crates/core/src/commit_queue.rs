@@ -101,6 +101,7 @@ impl CommitQueue {
             unsynced_since: None,
             sync_interval,
             broken: false,
+            retry: Retry::default(),
         }));
         let shared = writer.clone();
         let thread = std::thread::Builder::new()
@@ -177,6 +178,37 @@ struct Writer {
     sync_interval: Duration,
     /// The last write failed: redb refuses further writes until the file is reopened.
     broken: bool,
+    /// When the idle writer next tries to reopen a broken file that holds unsynced commits.
+    retry: Retry,
+}
+
+/// Backoff for the idle writer's attempts to reopen a broken file: 10 ms, doubling to 5 s.
+struct Retry {
+    at: Option<Instant>,
+    delay: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            at: None,
+            delay: Self::FIRST,
+        }
+    }
+}
+
+impl Retry {
+    const FIRST: Duration = Duration::from_millis(10);
+    const LAST: Duration = Duration::from_secs(5);
+
+    fn schedule(&mut self) {
+        self.at = Some(Instant::now() + self.delay);
+        self.delay = (self.delay * 2).min(Self::LAST);
+    }
+
+    fn reset(&mut self) {
+        *self = Retry::default();
+    }
 }
 
 fn lock_writer(writer: &Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
@@ -230,38 +262,84 @@ fn run(writer: &Mutex<Writer>, rx: mpsc::Receiver<Job>) {
     for job in carry {
         fail_job(job, &Error::StoreClosed);
     }
-    let writer = lock_writer(writer);
-    if writer.unsynced_since.is_some() {
-        // Durability 'none' commits reach the disk at close at the latest.
-        let _ = writer.write(&[], true);
-    }
+    lock_writer(writer).close();
 }
 
 impl Writer {
     /// How long until the unsynced transactions are due to be made durable (None: none are).
+    /// A broken file is retried with backoff instead.
     fn sync_due_in(&self) -> Option<Duration> {
-        self.unsynced_since
-            .map(|since| self.sync_interval.saturating_sub(since.elapsed()))
+        let since = self.unsynced_since?;
+        if self.broken {
+            let at = self.retry.at?;
+            return Some(at.saturating_duration_since(Instant::now()));
+        }
+        Some(self.sync_interval.saturating_sub(since.elapsed()))
     }
 
     fn sync_due(&self) -> bool {
         self.sync_due_in() == Some(Duration::ZERO)
     }
 
-    /// The idle writer's sync: an empty durable transaction makes the earlier ones durable.
+    /// The idle writer's sync: an empty durable transaction makes the earlier ones durable; on
+    /// a broken file, reopening it writes them again (see [`StoreFile::recover`]).
     fn sync_if_due(&mut self) {
-        if !self.sync_due() || self.broken {
+        if !self.sync_due() {
             return;
         }
-        match self.write(&[], true) {
+        let outcome = if self.broken {
+            self.recover()
+        } else {
+            self.write(&[], true)
+        };
+        match outcome {
             Ok(()) => self.synced(),
-            Err(_) => self.broken = true,
+            Err(_) => self.broke(),
         }
+    }
+
+    /// Reopens the broken file; what non-durable commits acknowledged is written again.
+    fn recover(&mut self) -> Result<()> {
+        self.file.recover()?;
+        self.broken = false;
+        self.retry.reset();
+        self.synced();
+        Ok(())
+    }
+
+    fn broke(&mut self) {
+        self.broken = true;
+        self.retry.schedule();
     }
 
     fn synced(&mut self) {
         self.unsynced_since = None;
         self.stats.unsynced_batches.store(0, Ordering::Relaxed);
+    }
+
+    /// At shutdown: gives back the unused rest of each key lease and makes everything
+    /// durable, reopening a broken file first. If that fails (the disk is still full), the
+    /// non-durable commits since the last sync are lost with the instance.
+    fn close(&mut self) {
+        if self.broken && self.recover().is_err() {
+            return;
+        }
+        let leases: Vec<Job> = self
+            .file
+            .all_tables()
+            .into_iter()
+            .filter_map(|table| {
+                let until = table.sequence().give_back()?;
+                Some(Job::Lease {
+                    table,
+                    until,
+                    durable: true,
+                })
+            })
+            .collect();
+        if self.unsynced_since.is_some() || !leases.is_empty() {
+            let _ = self.write(&leases, true);
+        }
     }
 
     /// Writes one batch and settles it. Returns follow-up jobs (further key leases).
@@ -283,13 +361,10 @@ impl Writer {
             self.broken = true;
         }
         if self.broken {
-            match self.file.recover() {
-                Ok(()) => {
-                    self.broken = false;
-                    // What was not durable is gone with the old instance, or was written whole.
-                    self.synced();
-                }
+            match self.recover() {
+                Ok(()) => {}
                 Err(err) => {
+                    self.retry.schedule();
                     self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
                     for job in jobs {
                         fail_job(job, &err);
@@ -343,7 +418,7 @@ impl Writer {
                 carry
             }
             Err(err) => {
-                self.broken = true;
+                self.broke();
                 self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
                 for job in jobs {
                     fail_job(job, &err);
@@ -402,7 +477,27 @@ impl Writer {
                 }
             }
         }
-        txn.commit().map_err(|e| redb_err(e.into()))
+        txn.commit().map_err(|e| redb_err(e.into()))?;
+        // No read snapshot may outlive a transaction: it would keep redb from reusing the
+        // pages freed from now on (see the cache).
+        self.file.forget_snapshots();
+        let mut unsynced = self.file.unsynced();
+        if durable {
+            unsynced.clear();
+        } else {
+            unsynced.record(jobs.iter().filter_map(|job| match job {
+                Job::Commit(c) => Some((
+                    c.table.redb_name.as_str(),
+                    &*c.key,
+                    match &c.change {
+                        Change::Put(record) => Some(record.clone()),
+                        Change::Delete => None,
+                    },
+                )),
+                _ => None,
+            }));
+        }
+        Ok(())
     }
 }
 

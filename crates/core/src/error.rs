@@ -101,8 +101,9 @@ pub enum Error {
         stored: String,
         requested: String,
     },
-    #[error("database '{path}' is open in another process")]
-    DatabaseLocked { path: String },
+    /// The file is in use: by another process, or (for [`crate::check_integrity`]) by this one.
+    #[error("database '{path}' is open in {holder}")]
+    DatabaseLocked { path: String, holder: String },
     #[error("database '{path}' is corrupt: {detail}")]
     DatabaseCorrupt { path: String, detail: String },
     #[error("the store is closed")]
@@ -149,6 +150,14 @@ impl Error {
         }
     }
 
+    /// An I/O error about `path`, which its message names.
+    pub fn io_at(path: impl AsRef<std::path::Path>, err: std::io::Error) -> Self {
+        Error::Io {
+            errno: err.raw_os_error(),
+            message: format!("'{}': {err}", path.as_ref().display()),
+        }
+    }
+
     pub fn codec(message: impl Into<String>) -> Self {
         Error::Codec {
             message: message.into(),
@@ -179,7 +188,7 @@ fn from_file_io(path: &str, io: std::io::Error) -> Error {
             detail: format!("a page lies beyond the end of the file ({io})"),
         }
     } else {
-        io.into()
+        Error::io_at(path, io)
     }
 }
 
@@ -192,6 +201,7 @@ pub(crate) fn from_redb(path: &str, err: redb::Error) -> Error {
         },
         redb::Error::DatabaseAlreadyOpen => Error::DatabaseLocked {
             path: path.to_string(),
+            holder: "another process".into(),
         },
         redb::Error::DatabaseClosed => Error::StoreClosed,
         other => Error::Io {

@@ -23,9 +23,11 @@ mod locks;
 mod maintenance;
 pub use maintenance::Backup;
 mod range;
+mod registry;
 mod sequence;
 mod store;
 pub mod typed;
+mod unsynced;
 
 pub use cache::CacheCounts;
 pub use commit_queue::{Change, CommitCallback};

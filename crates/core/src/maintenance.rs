@@ -2,8 +2,10 @@
 //! of maps with their codecs.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 
+use redb::backends::FileBackend;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 
 use crate::error::{from_redb, Error, Result};
@@ -13,56 +15,181 @@ use crate::store::{StoreFile, META_TABLE};
 /// transaction in memory.
 const BACKUP_CHUNK: usize = 10_000;
 
-/// A backup whose snapshot is taken: [`Backup::run`] copies it, on any thread, even if the
-/// store closes meanwhile.
+/// The backups of one file. Closing the file, or reopening it after an I/O error, ends them
+/// first: a copy under way is stopped and waited for (it holds the redb instance, and with it
+/// the file lock), and a backup begun but not yet run fails when run. Compaction refuses while
+/// any backup is begun.
+#[derive(Default)]
+pub(crate) struct BackupGate {
+    state: Mutex<GateState>,
+    ended: Condvar,
+    /// Bumped to end every backup; each compares it with the value it began under.
+    epoch: AtomicU64,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// Backups begun and not yet dropped.
+    begun: usize,
+    /// Backups copying now (each holds the instance).
+    running: usize,
+    /// Why the backups of an earlier epoch were ended.
+    reason: Option<Error>,
+}
+
+impl BackupGate {
+    fn state(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn begun(&self) -> usize {
+        self.state().begun
+    }
+
+    /// Ends every backup with `reason` and waits until no copy holds the instance.
+    pub(crate) fn end_all(&self, reason: Error) {
+        let mut state = self.state();
+        if state.begun == 0 {
+            return;
+        }
+        state.reason = Some(reason);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        while state.running > 0 {
+            state = self.ended.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Call with the instance slot locked (see `StoreFile::db_for_backup`), so a close or
+    /// recovery, which takes the slot first, either ends this backup or is not yet begun.
+    pub(crate) fn enter(self: &Arc<Self>, db: &Arc<redb::Database>) -> BackupTicket {
+        self.state().begun += 1;
+        BackupTicket {
+            gate: self.clone(),
+            epoch: self.epoch.load(Ordering::SeqCst),
+            db: Arc::downgrade(db),
+        }
+    }
+}
+
+/// One begun backup's place in its file's [`BackupGate`]. It holds the instance only weakly
+/// until the copy starts, so closing the store never waits for a backup that is not running.
+pub(crate) struct BackupTicket {
+    gate: Arc<BackupGate>,
+    epoch: u64,
+    db: Weak<redb::Database>,
+}
+
+impl BackupTicket {
+    fn ended(&self, state: &GateState) -> Option<Error> {
+        (self.gate.epoch.load(Ordering::SeqCst) != self.epoch)
+            .then(|| state.reason.clone().unwrap_or(Error::StoreClosed))
+    }
+
+    /// Fails once the backup has been ended by a close or a recovery.
+    fn check(&self) -> Result<()> {
+        if self.gate.epoch.load(Ordering::SeqCst) == self.epoch {
+            return Ok(());
+        }
+        Err(self.ended(&self.gate.state()).unwrap_or(Error::StoreClosed))
+    }
+
+    /// Starts the copy: the instance, held until the returned guard drops.
+    fn start(&self) -> Result<Copying<'_>> {
+        let mut state = self.gate.state();
+        if let Some(err) = self.ended(&state) {
+            return Err(err);
+        }
+        let db = self.db.upgrade().ok_or(Error::StoreClosed)?;
+        state.running += 1;
+        Ok(Copying {
+            ticket: self,
+            _db: Some(db),
+        })
+    }
+}
+
+impl Drop for BackupTicket {
+    fn drop(&mut self) {
+        self.gate.state().begun -= 1;
+    }
+}
+
+/// A copy under way; dropping it lets go of the instance and wakes a close that waits.
+struct Copying<'a> {
+    ticket: &'a BackupTicket,
+    _db: Option<Arc<redb::Database>>,
+}
+
+impl Drop for Copying<'_> {
+    fn drop(&mut self) {
+        let gate = &self.ticket.gate;
+        let mut state = gate.state();
+        // Let go of the instance before the count says so.
+        drop(self._db.take());
+        state.running -= 1;
+        gate.ended.notify_all();
+    }
+}
+
+/// A backup whose snapshot is taken: [`Backup::run`] copies it, on any thread. Closing the
+/// store (or its reopening after an I/O error) ends the copy with that reason.
 pub struct Backup {
     snapshot: redb::ReadTransaction,
-    /// Keeps the instance open (declared after `snapshot`, so dropped after it): redb fails
-    /// reads of a dropped instance, and the store may close while the copy runs.
-    _db: Arc<redb::Database>,
     source: String,
     dest: PathBuf,
+    ticket: BackupTicket,
 }
 
 /// Takes the snapshot a backup will copy. Writers are not held up (MVCC).
 pub(crate) fn begin_backup(file: &StoreFile, dest: &Path) -> Result<Backup> {
-    if dest.exists() {
+    let source = file.path().to_string();
+    if dest.as_os_str().is_empty() {
+        return Err(Error::invalid("a backup needs a destination path"));
+    }
+    if std::fs::symlink_metadata(dest).is_ok() {
         return Err(Error::invalid(format!(
             "backup destination '{}' already exists",
             dest.display()
         )));
     }
-    let db = file.db()?;
-    let snapshot = db
-        .begin_read()
-        .map_err(|e| from_redb(file.path(), e.into()))?;
-    Ok(Backup {
-        snapshot,
-        _db: db,
-        source: file.path().to_string(),
-        dest: dest.to_path_buf(),
+    crate::error::guard_damage(&source, || {
+        let (db, ticket) = file.db_for_backup()?;
+        let snapshot = db.begin_read().map_err(|e| from_redb(&source, e.into()))?;
+        Ok(Backup {
+            snapshot,
+            source: source.clone(),
+            dest: dest.to_path_buf(),
+            ticket,
+        })
     })
 }
 
 impl Backup {
-    /// Copies every table of the snapshot into a new file, written next to the destination and
-    /// renamed into place only when complete.
+    /// Copies every table of the snapshot into a new file, created beside the destination under
+    /// a name of its own, and moves it into place only when complete, never over an existing
+    /// file. Only that file is ever removed.
     pub fn run(self) -> Result<()> {
-        let partial = self.dest.with_extension("partial");
-        match self.copy(&partial) {
-            Ok(()) => std::fs::rename(&partial, &self.dest).map_err(Error::from),
-            Err(err) => {
-                let _ = std::fs::remove_file(&partial);
-                Err(err)
-            }
+        let _copying = self.ticket.start()?;
+        let (partial, file) = create_partial(&self.dest)?;
+        let copied = crate::error::guard_damage(&self.source, || self.copy(&partial, file))
+            .and_then(|()| {
+                self.ticket.check()?;
+                publish(&partial, &self.dest)
+            });
+        if copied.is_err() {
+            let _ = std::fs::remove_file(&partial);
         }
+        copied
     }
 
-    fn copy(&self, partial: &Path) -> Result<()> {
-        let shown = self.dest.display().to_string();
+    fn copy(&self, partial: &Path, file: std::fs::File) -> Result<()> {
+        let shown = partial.display().to_string();
         let source_err = |e: redb::Error| from_redb(&self.source, e);
         let target_err = |e: redb::Error| from_redb(&shown, e);
-        let target = redb::Database::create(partial).map_err(|e| target_err(e.into()))?;
+        let backend = FileBackend::new(file).map_err(|e| target_err(e.into()))?;
+        let target = redb::Database::builder()
+            .create_with_backend(backend)
+            .map_err(|e| target_err(e.into()))?;
         let names: Vec<String> = self
             .snapshot
             .list_tables()
@@ -77,6 +204,7 @@ impl Backup {
                 .map_err(|e| source_err(e.into()))?;
             let mut entries = source.iter().map_err(|e| source_err(e.into()))?.peekable();
             loop {
+                self.ticket.check()?;
                 let mut txn = target.begin_write().map_err(|e| target_err(e.into()))?;
                 txn.set_durability(redb::Durability::None)
                     .map_err(|e| target_err(e.into()))?;
@@ -99,9 +227,63 @@ impl Backup {
                 }
             }
         }
+        self.ticket.check()?;
         // One durable commit makes everything above durable.
         let txn = target.begin_write().map_err(|e| target_err(e.into()))?;
         txn.commit().map_err(|e| target_err(e.into()))
+    }
+}
+
+/// Creates the backup's working file beside `dest`, exclusively, under a name no one else uses.
+fn create_partial(dest: &Path) -> Result<(PathBuf, std::fs::File)> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = match dest.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = dest
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("'{}' is not a file path", dest.display())))?
+        .to_string_lossy();
+    loop {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let partial = dir.join(format!(
+            ".{name}.{}-{n}-{nanos:08x}.partial",
+            std::process::id()
+        ));
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+        {
+            Ok(file) => return Ok((partial, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io_at(&partial, e)),
+        }
+    }
+}
+
+/// Moves the finished copy to `dest` unless something appeared there meanwhile: a hard link
+/// fails when the name is taken, where a rename would replace it.
+fn publish(partial: &Path, dest: &Path) -> Result<()> {
+    match std::fs::hard_link(partial, dest) {
+        Ok(()) => {
+            std::fs::remove_file(partial).map_err(|e| Error::io_at(partial, e))?;
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::invalid(format!(
+            "backup destination '{}' already exists",
+            dest.display()
+        ))),
+        // A file system without hard links: check, then rename (a narrow window remains).
+        Err(_) if std::fs::symlink_metadata(dest).is_err() => {
+            std::fs::rename(partial, dest).map_err(|e| Error::io_at(dest, e))
+        }
+        Err(e) => Err(Error::io_at(dest, e)),
     }
 }
 
@@ -128,37 +310,67 @@ pub(crate) fn tables(file: &StoreFile) -> Result<Vec<(String, String)>> {
     Ok(found)
 }
 
-/// Compacts the file in place. Runs on the writer between batches, so no commit is in flight;
-/// refuses while a walk (`getEntries`) holds a snapshot.
+/// Compacts the file in place. Runs on the writer between batches, so no commit is in flight,
+/// with the instance slot locked (readers wait): it refuses at once while a backup or a walk
+/// (`getEntries`) is open, and otherwise waits only for reads already under way, which take
+/// microseconds.
 pub(crate) fn compact(file: &StoreFile, slot: &mut Option<Arc<redb::Database>>) -> Result<bool> {
-    let shared = slot.take().ok_or(Error::StoreClosed)?;
-    // Readers that cloned the handle just before we took the slot finish within microseconds.
-    let mut shared = Some(shared);
-    let mut db = None;
-    for _ in 0..1000 {
-        match Arc::try_unwrap(shared.take().expect("kept until unwrapped")) {
-            Ok(owned) => {
-                db = Some(owned);
-                break;
-            }
-            Err(still_shared) => {
-                shared = Some(still_shared);
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+    let busy = || -> Option<Error> {
+        if file.backups().begun() > 0 {
+            return Some(Error::invalid(
+                "compact cannot run while a backup is running; wait for it to finish",
+            ));
         }
-    }
-    let Some(mut db) = db else {
-        *slot = shared;
-        return Err(Error::invalid(
-            "compact needs the file to itself; a reader did not let go",
-        ));
+        if file.open_walks() > 0 {
+            return Some(Error::invalid(
+                "compact cannot run while a walk (getEntries) is open; finish or dispose it first",
+            ));
+        }
+        None
     };
-    let outcome = db.compact();
+    if let Some(err) = busy() {
+        return Err(err);
+    }
+    let mut shared = slot.take().ok_or(Error::StoreClosed)?;
+    let mut tries = 0;
+    let mut db = loop {
+        match Arc::try_unwrap(shared) {
+            Ok(owned) => break owned,
+            Err(still_shared) => shared = still_shared,
+        }
+        let refused = busy().or_else(|| {
+            (tries == READ_WAIT_TRIES).then(|| {
+                Error::invalid(
+                    "compact could not have the file to itself: a read held it too long; try again",
+                )
+            })
+        });
+        if let Some(err) = refused {
+            *slot = Some(shared);
+            return Err(err);
+        }
+        tries += 1;
+        std::thread::sleep(READ_WAIT);
+    };
+    let mut outcome = db.compact();
+    // A read transaction a reader began just before the slot was locked ends within
+    // microseconds; walks and backups were ruled out above.
+    for _ in 0..READ_WAIT_TRIES {
+        if !matches!(outcome, Err(redb::CompactionError::TransactionInProgress)) {
+            break;
+        }
+        std::thread::sleep(READ_WAIT);
+        outcome = db.compact();
+    }
     *slot = Some(Arc::new(db));
     outcome.map_err(|e| match e {
         redb::CompactionError::TransactionInProgress => Error::invalid(
-            "compact cannot run while a walk (getEntries) is open; finish or dispose it first",
+            "compact cannot run while a read transaction is open (a walk or a backup); try again",
         ),
         other => from_redb(file.path(), other.into()),
     })
 }
+
+/// How long compaction waits, at most, for reads already under way: tries × pause.
+const READ_WAIT_TRIES: usize = 500;
+const READ_WAIT: std::time::Duration = std::time::Duration::from_micros(200);

@@ -76,6 +76,16 @@ impl KeySequence {
         (served, again)
     }
 
+    /// At a clean close: the first number not handed out, when the lease reaches further, so
+    /// the rest of the lease goes back to the file and the next open continues from there.
+    pub fn give_back(&mut self) -> Option<u64> {
+        if self.lease_pending || !self.waiting.is_empty() || self.next >= self.leased_until {
+            return None;
+        }
+        self.leased_until = self.next;
+        Some(self.next)
+    }
+
     /// The lease failed: every waiter hears why.
     pub fn lease_failed(&mut self, err: &Error) -> Vec<(NumberCallback, Error)> {
         self.lease_pending = false;
@@ -120,5 +130,27 @@ mod tests {
         ));
         let (served, _) = seq.leased(2000);
         assert_eq!(served[0].1, 1000);
+    }
+
+    #[test]
+    fn a_clean_close_gives_back_the_unused_rest_of_the_lease() {
+        let mut seq = KeySequence::new(0, 1000);
+        assert!(
+            seq.give_back().is_none(),
+            "nothing leased, nothing to give back"
+        );
+        let Take::NeedLease(Some(until)) = seq.take(|| Box::new(|_| {})) else {
+            panic!("an empty lease must ask for one")
+        };
+        let (served, _) = seq.leased(until);
+        assert_eq!(served[0].1, 0);
+        assert!(matches!(seq.take(|| unreachable!()), Take::Number(1)));
+        assert_eq!(seq.give_back(), Some(2));
+        assert!(seq.give_back().is_none(), "given back once");
+        let mut reopened = KeySequence::new(2, 1000);
+        assert!(matches!(
+            reopened.take(|| Box::new(|_| {})),
+            Take::NeedLease(Some(1002))
+        ));
     }
 }

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableError};
@@ -17,8 +17,10 @@ use crate::envelope::{self, Record};
 use crate::error::{from_redb, Error, ErrorCode, Result};
 use crate::keys::{validate_key, KeyFormat};
 use crate::locks::{Acquire, Grant, GrantCallback, LockTable, LockToken, OwnerId};
+use crate::maintenance::{BackupGate, BackupTicket};
 use crate::range::{EntryRange, RangeOptions};
 use crate::sequence::{KeySequence, NumberCallback, Take};
+use crate::unsynced::UnsyncedChanges;
 
 pub(crate) const META_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("kvstore:meta");
 const FORMAT_KEY: &str = "format";
@@ -198,6 +200,12 @@ pub(crate) struct StoreFile {
     /// A read failed with an I/O error. redb then refuses all I/O until the file is reopened;
     /// the writer does that before its next batch.
     read_failed: AtomicBool,
+    /// Backups running on this file (they hold the instance).
+    backups: Arc<BackupGate>,
+    /// Walks (`getEntries`) holding a snapshot of this file.
+    walks: Arc<AtomicUsize>,
+    /// Acknowledged non-durable changes, written again after a reopen (see [`UnsyncedChanges`]).
+    unsynced: Mutex<UnsyncedChanges>,
 }
 
 /// The per-file core shared by every handle in the process.
@@ -216,29 +224,24 @@ impl std::ops::Deref for Shared {
     }
 }
 
-struct Registered {
-    shared: Arc<Shared>,
-    handles: usize,
-}
-
-fn registry() -> MutexGuard<'static, HashMap<PathBuf, Registered>> {
-    static REGISTRY: OnceLock<Mutex<HashMap<PathBuf, Registered>>> = OnceLock::new();
-    REGISTRY
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-}
-
 static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
 
-/// The same file reached by another spelling of its path must map to the same core.
+/// The same file reached by another spelling of its path, or through a symlink, must map to
+/// the same core (a hard link is matched by the registry, by inode).
 fn normalize(path: &Path) -> Result<PathBuf> {
-    let absolute = std::path::absolute(path)?;
+    if path.as_os_str().is_empty() {
+        return Err(Error::invalid("a store path must not be empty"));
+    }
+    let absolute = std::path::absolute(path).map_err(|e| Error::io_at(path, e))?;
+    if let Ok(real) = absolute.canonicalize() {
+        return Ok(real);
+    }
     let name = absolute
         .file_name()
         .ok_or_else(|| Error::invalid(format!("'{}' is not a file path", path.display())))?;
     let parent = absolute.parent().unwrap_or(Path::new("/"));
-    Ok(parent.canonicalize()?.join(name))
+    let parent = parent.canonicalize().map_err(|e| Error::io_at(parent, e))?;
+    Ok(parent.join(name))
 }
 
 fn open_error(path: &str, err: redb::DatabaseError) -> Error {
@@ -250,6 +253,7 @@ fn open_error(path: &str, err: redb::DatabaseError) -> Error {
     match err {
         DatabaseError::DatabaseAlreadyOpen => Error::DatabaseLocked {
             path: path.to_string(),
+            holder: "another process".into(),
         },
         DatabaseError::Storage(StorageError::Io(io))
             if matches!(
@@ -328,7 +332,8 @@ impl StoreFile {
         Ok(db)
     }
 
-    /// Opens the file again, as it was first opened.
+    /// Opens the file again, as it was first opened, and writes again what non-durable
+    /// transactions had acknowledged before the old instance was dropped.
     fn reopen(&self) -> Result<Arc<redb::Database>> {
         let (db, _) = open_redb(
             &self.location,
@@ -336,13 +341,23 @@ impl StoreFile {
             self.page_cache_bytes,
             self.backend.as_ref(),
         )?;
+        let mut unsynced = self.unsynced();
+        if !unsynced.is_empty() {
+            crate::error::guard_damage(&self.path, || unsynced.rewrite(&db, &self.path))?;
+            unsynced.clear();
+        }
         Ok(Arc::new(db))
+    }
+
+    pub(crate) fn unsynced(&self) -> MutexGuard<'_, UnsyncedChanges> {
+        self.unsynced.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Lets go of the redb instance (and every snapshot and cached entry of it: the failed
     /// batch may have landed after all) and opens the file afresh.
-    /// Readers wait on the lock meanwhile. If the reopen fails (the fault is still there, or a
-    /// walk still holds the old instance), the slot stays empty and the next caller tries again.
+    /// Readers wait on the lock meanwhile; running backups are ended first (they hold the
+    /// instance). If the reopen fails (the fault is still there), the slot stays empty and the
+    /// next caller tries again.
     pub(crate) fn recover(&self) -> Result<()> {
         // `tables` before `db`: table() takes them in that order.
         let tables = self.tables();
@@ -350,6 +365,13 @@ impl StoreFile {
         for table in tables {
             table.cache.clear();
         }
+        self.backups.end_all(Error::Io {
+            errno: None,
+            message: format!(
+                "the backup of '{}' was stopped: the store reopened the file after an I/O error",
+                self.path
+            ),
+        });
         drop(slot.take());
         *slot = Some(self.reopen()?);
         Ok(())
@@ -366,18 +388,53 @@ impl StoreFile {
         let tables = self.tables();
         let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
         for table in tables {
-            table.cache.forget_snapshot();
+            table.cache.refuse_snapshots();
         }
         crate::maintenance::compact(self, &mut slot)
     }
 
-    /// Closes the file for good (last handle gone).
-    fn release(&self) {
-        self.released.store(true, Ordering::SeqCst);
-        for table in self.tables() {
+    /// Drops every table's kept read snapshot (after each transaction; see the cache).
+    pub(crate) fn forget_snapshots(&self) {
+        let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        for table in tables.values() {
             table.cache.forget_snapshot();
         }
-        self.db.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// The instance, with a place in the backup gate taken while the slot is locked: a close
+    /// or recovery (which locks the slot, then ends the backups) cannot miss this backup.
+    pub(crate) fn db_for_backup(&self) -> Result<(Arc<redb::Database>, BackupTicket)> {
+        loop {
+            let db = self.db()?;
+            let slot = self.db.read().unwrap_or_else(|p| p.into_inner());
+            if slot
+                .as_ref()
+                .is_some_and(|current| Arc::ptr_eq(current, &db))
+            {
+                let ticket = self.backups.enter(&db);
+                return Ok((db, ticket));
+            }
+        }
+    }
+
+    pub(crate) fn backups(&self) -> &BackupGate {
+        &self.backups
+    }
+
+    pub(crate) fn open_walks(&self) -> usize {
+        self.walks.load(Ordering::SeqCst)
+    }
+
+    /// Closes the file for good (last handle gone): running backups end first.
+    fn release(&self) {
+        self.released.store(true, Ordering::SeqCst);
+        let tables = self.tables();
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        for table in tables {
+            table.cache.refuse_snapshots();
+        }
+        self.backups.end_all(Error::StoreClosed);
+        drop(slot.take());
     }
 
     pub(crate) fn path(&self) -> &str {
@@ -447,6 +504,10 @@ impl StoreFile {
         Ok(table)
     }
 
+    pub(crate) fn all_tables(&self) -> Vec<Arc<TableState>> {
+        self.tables()
+    }
+
     fn tables(&self) -> Vec<Arc<TableState>> {
         let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         tables.values().cloned().collect()
@@ -473,6 +534,9 @@ impl Shared {
             db: RwLock::new(Some(db)),
             tables: Mutex::new(HashMap::new()),
             read_failed: AtomicBool::new(false),
+            backups: Arc::default(),
+            walks: Arc::default(),
+            unsynced: Mutex::default(),
         });
         let queue = CommitQueue::start(file.clone(), options.sync_interval)?;
         Ok(Shared {
@@ -544,6 +608,8 @@ fn check_format(db: &redb::Database, path: &str) -> Result<()> {
 struct Handle {
     shared: Arc<Shared>,
     key: PathBuf,
+    /// Where the registry keeps the file (another path to it, for a link).
+    registered: PathBuf,
     owner: OwnerId,
     durable: bool,
     closed: AtomicBool,
@@ -561,24 +627,10 @@ impl Handle {
         for table in self.shared.tables() {
             table.locks.release_owner(self.owner);
         }
-        let last = {
-            let mut registry = registry();
-            let done = match registry.get_mut(&self.key) {
-                Some(entry) if Arc::ptr_eq(&entry.shared, &self.shared) => {
-                    entry.handles -= 1;
-                    entry.handles == 0
-                }
-                _ => false,
-            };
-            if done {
-                registry.remove(&self.key);
-            }
-            done
-        };
-        if last {
+        crate::registry::close(&self.registered, &self.shared, || {
             self.shared.queue.shutdown();
             self.shared.release();
-        }
+        });
     }
 }
 
@@ -598,32 +650,13 @@ impl Database {
     /// Opens (creating if needed) the file, or joins the core already open in this process.
     pub fn open(path: impl AsRef<Path>, options: DatabaseOptions) -> Result<Database> {
         let key = normalize(path.as_ref())?;
-        let mut opened_file = false;
-        let shared = {
-            let mut registry = registry();
-            match registry.get_mut(&key) {
-                Some(entry) => {
-                    entry.handles += 1;
-                    entry.shared.clone()
-                }
-                None => {
-                    opened_file = true;
-                    let shared = Arc::new(Shared::open(&key, &options)?);
-                    registry.insert(
-                        key.clone(),
-                        Registered {
-                            shared: shared.clone(),
-                            handles: 1,
-                        },
-                    );
-                    shared
-                }
-            }
-        };
+        let registration = crate::registry::open(&key, || Shared::open(&key, &options))?;
+        let opened_file = registration.opened;
         Ok(Database {
             handle: Arc::new(Handle {
-                shared,
+                shared: registration.shared,
                 key,
+                registered: registration.key,
                 owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
                 durable: options.durable,
                 closed: AtomicBool::new(false),
@@ -763,11 +796,64 @@ pub struct PreparedCommit(Job);
 pub fn check_integrity(path: impl AsRef<Path>) -> Result<bool> {
     let key = normalize(path.as_ref())?;
     let shown = key.display().to_string();
-    if registry().contains_key(&key) {
-        return Err(Error::DatabaseLocked { path: shown });
+    if crate::registry::is_open(&key) {
+        return Err(Error::DatabaseLocked {
+            path: shown,
+            holder: "this process".into(),
+        });
     }
     let mut db = open_guarded(&shown, || redb::Database::open(&key))?;
     db.check_integrity().map_err(|e| open_error(&shown, e))
+}
+
+/// One walk's place in its file's count of open walks, given back on drop.
+struct OpenWalk(Arc<AtomicUsize>);
+
+impl OpenWalk {
+    fn new(walks: &Arc<AtomicUsize>) -> Self {
+        walks.fetch_add(1, Ordering::SeqCst);
+        OpenWalk(walks.clone())
+    }
+}
+
+impl Drop for OpenWalk {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What a walk knows of its store: the handle it was taken through. The walk counts as open
+/// for compaction until the range (and this) is dropped.
+struct WalkOf {
+    handle: Arc<Handle>,
+    _open: OpenWalk,
+}
+
+impl crate::range::WalkSource for WalkOf {
+    fn closed(&self) -> bool {
+        self.handle.closed.load(Ordering::SeqCst)
+    }
+
+    fn failed(&self, err: Error) -> Error {
+        let shared = &self.handle.shared;
+        shared.read_error(&err);
+        match err {
+            // redb closed the instance under the walk while the store stays open: the writer
+            // reopened the file after an I/O error, and the walk's snapshot went with the old
+            // instance (keeping it would keep redb from reopening the file).
+            Error::StoreClosed if !self.closed() && !shared.released.load(Ordering::SeqCst) => {
+                Error::Io {
+                    errno: None,
+                    message: format!(
+                        "the walk's snapshot of '{}' was discarded when the store reopened the \
+                         file after an I/O error; start the walk again",
+                        shared.path
+                    ),
+                }
+            }
+            other => other,
+        }
+    }
 }
 
 /// One named map of a [`Database`], through one handle.
@@ -870,6 +956,11 @@ impl MapStore {
     /// Drops a lock without writing.
     pub fn release(&self, key: &str, token: LockToken) -> Result<()> {
         self.table.locks.release(key, token, false)
+    }
+
+    /// Whether `token` still holds `key`'s lock (closing its handle frees it).
+    pub fn holds(&self, key: &str, token: LockToken) -> bool {
+        self.table.locks.holds(key, token)
     }
 
     /// Queues a write of `key` under its lock. Errors found before queueing (a released lock,
@@ -1018,9 +1109,11 @@ impl MapStore {
         self.check_open()?;
         let table = self.read_table()?;
         let path = &self.shared().path;
-        let handle = self.handle.clone();
-        let on_error = Box::new(move |err: &Error| handle.shared.read_error(err));
-        crate::error::guard_damage(path, || EntryRange::new(table, options, path, on_error))
+        let source = Arc::new(WalkOf {
+            handle: self.handle.clone(),
+            _open: OpenWalk::new(&self.shared().walks),
+        });
+        crate::error::guard_damage(path, || EntryRange::new(table, options, path, source))
             .map_err(|e| self.read_error(e))
     }
 
@@ -1064,10 +1157,12 @@ impl MapStore {
             Take::Number(n) => Ok(NextKey::Ready(keys.format(n)?)),
             Take::NeedLease(until) => {
                 if let Some(until) = until {
+                    // Always durable: a number must never be handed out twice, even after a
+                    // crash under durability 'none'.
                     self.shared().queue.submit(Job::Lease {
                         table: self.table.clone(),
                         until,
-                        durable: self.handle.durable,
+                        durable: true,
                     });
                 }
                 Ok(NextKey::Pending)

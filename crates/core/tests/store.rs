@@ -555,7 +555,7 @@ fn a_prepared_commit_whose_lock_was_lost_never_writes() {
 }
 
 #[test]
-fn a_backup_begun_before_close_completes_after_it() {
+fn a_backup_begun_before_close_is_ended_by_it_and_the_file_reopens() {
     let dir = tempfile::tempdir().unwrap();
     let (db, map) = open(&dir);
     for i in 0..50 {
@@ -564,8 +564,18 @@ fn a_backup_begun_before_close_completes_after_it() {
     let backup = db.begin_backup(dir.path().join("copy.redb")).unwrap();
     db.close();
     drop(map);
-    backup.run().unwrap();
-    let copy = Database::open(dir.path().join("copy.redb"), DatabaseOptions::default()).unwrap();
-    let copied = copy.map_store("jobs", MapOptions::default()).unwrap();
-    assert_eq!(copied.count(&RangeOptions::default()).unwrap(), 50);
+    // The file is free at once: the pending backup does not hold it.
+    let (again, _) = open(&dir);
+    assert_eq!(
+        backup.run().unwrap_err().code(),
+        kvstore_core::ErrorCode::StoreClosed
+    );
+    assert!(!dir.path().join("copy.redb").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    again.close();
 }
