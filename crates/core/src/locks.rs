@@ -21,6 +21,8 @@ pub struct Grant {
 }
 
 /// Called exactly once for each queued waiter: with a grant, or with the reason it gave up.
+/// It runs on the thread that released the lock, which may be the writer: like a commit
+/// callback, it must not wait for the store.
 pub type GrantCallback = Box<dyn FnOnce(Result<Grant>) + Send>;
 
 struct Waiter {
@@ -86,6 +88,8 @@ impl LockTable {
 
     /// Takes the key's lock at once when it is free. Otherwise queues a waiter built by
     /// `make_waiter` (called only then, under the table's mutex) and returns [`Acquire::Queued`].
+    /// `ticket` names the wait for [`LockTable::cancel`]: a ticket of `owner` that is already
+    /// queued is refused (`InvalidArgument`), since a cancel could then reach the wrong waiter.
     pub fn acquire(
         &self,
         key: &str,
@@ -94,6 +98,13 @@ impl LockTable {
         make_waiter: impl FnOnce() -> Result<GrantCallback>,
     ) -> Result<Acquire> {
         let mut state = self.state();
+        if state.keys.contains_key(key) {
+            if let Some(queued) = state.tickets.get(&(owner, ticket)) {
+                return Err(Error::invalid(format!(
+                    "lock-wait ticket {ticket} is already queued for '{queued}'; tickets must be unique"
+                )));
+            }
+        }
         if let Some(lock) = state.keys.get_mut(key) {
             let notify = make_waiter()?;
             lock.waiters.push_back(Waiter {
@@ -314,6 +325,46 @@ mod tests {
         );
         table.release("k", grant.token, false).unwrap();
         assert_eq!(table.counts(), LockCounts::default());
+    }
+
+    #[test]
+    fn a_ticket_already_queued_is_refused_and_the_first_waiter_keeps_its_place() {
+        let table = LockTable::new();
+        let a = table.try_acquire("a", 1).unwrap();
+        let b = table.try_acquire("b", 1).unwrap();
+        let first = queue(&table, "a", 2, 7);
+        for key in ["a", "b"] {
+            let refused = table.acquire(key, 2, 7, || {
+                panic!("no waiter is built for a reused ticket")
+            });
+            assert_eq!(
+                refused.err().map(|e| e.code()),
+                Some(crate::ErrorCode::InvalidArgument),
+                "{key}"
+            );
+        }
+        assert_eq!(table.counts().waiting, 1);
+        // The same ticket of another owner is another wait.
+        let other_owner = queue(&table, "b", 3, 7);
+        // A free key is granted at once whatever the ticket: nothing is queued under it.
+        let free = table.try_acquire("c", 2).unwrap();
+        assert!(table.cancel(2, 7, Error::LockTimeout { key: "a".into() }));
+        assert_eq!(
+            first.try_recv().unwrap().unwrap_err().code(),
+            crate::ErrorCode::LockTimeout
+        );
+        table.release("a", a.token, false).unwrap();
+        table.release("b", b.token, false).unwrap();
+        let granted = other_owner.try_recv().unwrap().unwrap();
+        table.release("b", granted.token, false).unwrap();
+        table.release("c", free.token, false).unwrap();
+        assert_eq!(table.counts(), LockCounts::default());
+        // Once its wait is over, a ticket may be used again.
+        let c = table.try_acquire("c", 1).unwrap();
+        let again = queue(&table, "c", 2, 7);
+        table.release("c", c.token, false).unwrap();
+        let granted = again.try_recv().unwrap().unwrap();
+        table.release("c", granted.token, false).unwrap();
     }
 
     #[test]

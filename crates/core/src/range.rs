@@ -1,6 +1,7 @@
 //! Walking a table over one consistent snapshot, in byte-wise key order.
 
 use std::ops::Bound;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use redb::{OwnedAccessGuard, OwnedRange};
 
@@ -17,7 +18,8 @@ pub struct RangeOptions {
     pub limit: Option<u64>,
 }
 
-/// One stored entry, borrowed from the snapshot without a copy.
+/// One stored entry, borrowed from the snapshot without a copy. Its key was checked to be
+/// UTF-8 when the walk yielded it (a damaged key ends the walk with `DatabaseCorrupt`).
 pub struct RawEntry {
     key: OwnedAccessGuard<&'static str>,
     record: OwnedAccessGuard<&'static [u8]>,
@@ -34,6 +36,15 @@ impl RawEntry {
     }
 }
 
+/// What a walk needs from the store handle it was taken through.
+pub(crate) trait WalkSource: Send + Sync {
+    /// The handle is closed: the walk ends with `StoreClosed` at its next step.
+    fn closed(&self) -> bool;
+    /// A step failed with `err`: tell the store (it reopens the file after an I/O error) and
+    /// return the error to report.
+    fn failed(&self, err: Error) -> Error;
+}
+
 /// A live walk; holds its snapshot until dropped.
 pub struct EntryRange {
     inner: Option<OwnedRange<&'static str, &'static [u8]>>,
@@ -41,8 +52,7 @@ pub struct EntryRange {
     reverse: bool,
     remaining: Option<u64>,
     path: String,
-    /// Told of a failed step, so the store can reopen the file after an I/O error.
-    on_error: Box<dyn Fn(&Error) + Send + Sync>,
+    source: std::sync::Arc<dyn WalkSource>,
 }
 
 /// The key bounds a walk covers, after folding the prefix into start and stop.
@@ -116,7 +126,7 @@ impl EntryRange {
         table: Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>,
         options: &RangeOptions,
         path: &str,
-        on_error: Box<dyn Fn(&Error) + Send + Sync>,
+        source: std::sync::Arc<dyn WalkSource>,
     ) -> Result<Self> {
         let bounds = options.bounds()?;
         let inner = match table {
@@ -137,7 +147,7 @@ impl EntryRange {
             reverse: options.reverse,
             remaining: options.limit,
             path: path.to_string(),
-            on_error,
+            source,
         })
     }
 
@@ -148,8 +158,7 @@ impl EntryRange {
     /// Ends the walk at a failed step.
     fn fail(&mut self, err: Error) -> Error {
         self.finish();
-        (self.on_error)(&err);
-        err
+        self.source.failed(err)
     }
 }
 
@@ -169,6 +178,11 @@ impl Iterator for EntryRange {
             self.finish();
         }
         let inner = self.inner.as_mut()?;
+        if self.source.closed() {
+            // Not a failure of the file: the store is not told.
+            self.finish();
+            return Some(Err(Error::StoreClosed));
+        }
         let reverse = self.reverse;
         let step = crate::error::guard_damage(&self.path, || {
             Ok(if reverse {
@@ -191,11 +205,27 @@ impl Iterator for EntryRange {
                 Some(Err(self.fail(err)))
             }
             Some(Ok((key, record))) => {
-                if let Some(prefix) = &self.prefix {
-                    if !key.value().starts_with(prefix.as_str()) {
-                        self.finish();
-                        return None;
+                // redb decodes a `&str` key with a panic when it is not UTF-8 (a damaged
+                // file): decode it once here, where that becomes a typed error, so the
+                // caller's `key()` never panics. The file itself reads fine: no reopen.
+                let prefix = self.prefix.as_deref();
+                let in_prefix = catch_unwind(AssertUnwindSafe(|| {
+                    let key = key.value();
+                    match prefix {
+                        Some(prefix) => key.starts_with(prefix),
+                        None => true,
                     }
+                }));
+                let Ok(in_prefix) = in_prefix else {
+                    self.finish();
+                    return Some(Err(Error::DatabaseCorrupt {
+                        path: self.path.clone(),
+                        detail: "a stored key is not valid UTF-8".into(),
+                    }));
+                };
+                if !in_prefix {
+                    self.finish();
+                    return None;
                 }
                 if let Some(n) = self.remaining.as_mut() {
                     *n -= 1;
