@@ -41,16 +41,24 @@ export declare class NativeDatabase {
 export declare class NativeMapStore {
   /**
    * Takes `key`'s lock for `mode` (0 existing, 1 new, 2 either). Returns the locked entry at
-   * once when the key is free; otherwise a promise, cancellable through `ticket`.
+   * once when the key is free; otherwise a promise, and the wait's ticket (for `cancelWait`)
+   * in the first 8 bytes of `out`, a float64 little-endian.
    * A lock granted at once comes back as the bare token, and the committed record is copied
    * into `out` after a 4-byte little-endian length (-1: no record): building a JS object and
    * an external buffer through N-API costs more than the lock itself. Only a record too
    * long for `out` comes back as a `NativeLocked`.
    */
-  lock(key: string, mode: number, ticket: number, out: Buffer): number | NativeLocked | Promise<NativeLocked>
+  lock(key: string, mode: number, out: Buffer): number | NativeLocked | Promise<NativeLocked>
   /** Gives up a queued wait; `reason` is "timeout" or "abort". False if already granted. */
   cancelWait(key: string, ticket: number, reason: string): boolean
   release(key: string, token: number): void
+  /** Whether the lock `token` on `key` is still held (closing its handle frees it). */
+  holds(key: string, token: number): boolean
+  /**
+   * Closes this view: its queued lock waits are rejected with `StoreClosedError`, and no
+   * lock is handed out through it any more. Locks it holds stay held until released.
+   */
+  close(): void
   /**
    * Prepares a write of `record` (or a delete, per `flags`) under the lock `token`; it is
    * queued at the next `flush()` of its database and settles once durable.
@@ -74,7 +82,10 @@ export declare class NativeMapStore {
  * `u32le keyLength, key, [u32le recordLength, record]` per entry (no record when keysOnly).
  */
 export declare class NativeRange {
-  /** Up to `max_items` entries, or null at the end (the snapshot is then freed). */
+  /**
+   * Up to `max_items` entries, or null at the end (the snapshot is then freed). A failed
+   * step ends the walk with its error, after the entries before it.
+   */
   nextBatch(maxItems: number): Buffer | null
   /** Frees the snapshot now rather than at garbage collection. */
   close(): void

@@ -1,6 +1,8 @@
 //! The Node binding: thin #[napi] wrappers over kvstore-core. No policy lives here; it converts
 //! arguments, turns core callbacks into promises, and encodes core errors for the TS layer.
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use std::sync::Mutex;
@@ -155,6 +157,7 @@ impl NativeDatabase {
             map,
             mailbox: self.mailbox.clone(),
             pending: self.pending.clone(),
+            view: Arc::new(View::default()),
         })
     }
 
@@ -334,12 +337,37 @@ pub struct NativeMapStore {
     map: MapStore,
     mailbox: Arc<Mailbox>,
     pending: Arc<Mutex<Vec<PreparedCommit>>>,
+    view: Arc<View>,
 }
+
+/// One `db.mapStore()` view of a map. Closing it rejects the lock waits queued through it; a
+/// grant on its way when it closed is released, never handed out.
+#[derive(Default)]
+pub(crate) struct View {
+    closed: AtomicBool,
+    /// Tickets of the waits queued through this view and not yet settled.
+    waits: Mutex<HashSet<u64>>,
+}
+
+impl View {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn waits(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.waits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Lock-wait tickets, unique for the life of the process (the core refuses a ticket that is
+/// already queued: a cancel must reach exactly its own waiter).
+static NEXT_TICKET: AtomicU64 = AtomicU64::new(1);
 
 #[napi]
 impl NativeMapStore {
     /// Takes `key`'s lock for `mode` (0 existing, 1 new, 2 either). Returns the locked entry at
-    /// once when the key is free; otherwise a promise, cancellable through `ticket`.
+    /// once when the key is free; otherwise a promise, and the wait's ticket (for `cancelWait`)
+    /// in the first 8 bytes of `out`, a float64 little-endian.
     /// A lock granted at once comes back as the bare token, and the committed record is copied
     /// into `out` after a 4-byte little-endian length (-1: no record): building a JS object and
     /// an external buffer through N-API costs more than the lock itself. Only a record too
@@ -353,12 +381,20 @@ impl NativeMapStore {
         env: Env,
         key: String,
         mode: u32,
-        ticket: u32,
         mut out: BufferSlice,
     ) -> Result<Either3<i64, NativeLocked, PromiseRaw<'static, NativeLocked>>> {
         let mode = lock_mode(mode)?;
+        if self.view.is_closed() {
+            return Err(js_error(kvstore_core::Error::StoreClosed));
+        }
+        if out.len() < 8 {
+            return Err(js_error(kvstore_core::Error::invalid(
+                "the lock buffer must hold at least 8 bytes",
+            )));
+        }
+        let ticket = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
         let mut promise = None;
-        let acquired = self.map.acquire(&key, u64::from(ticket), || {
+        let acquired = self.map.acquire(&key, ticket, || {
             let (deferred, raw) = self
                 .mailbox
                 .promise(&env)
@@ -367,7 +403,10 @@ impl NativeMapStore {
             let map = self.map.clone();
             let key = key.clone();
             let mailbox = self.mailbox.clone();
+            let view = self.view.clone();
+            view.waits().insert(ticket);
             Ok(Box::new(move |outcome: kvstore_core::Result<Grant>| {
+                view.waits().remove(&ticket);
                 mailbox.post(match outcome {
                     Ok(grant) => Settlement::Granted(
                         deferred,
@@ -375,6 +414,7 @@ impl NativeMapStore {
                             map,
                             key,
                             grant: Some(grant),
+                            view,
                         },
                         mode,
                     ),
@@ -391,23 +431,46 @@ impl NativeMapStore {
                     Either3::B(to_js_locked(locked))
                 })
             }
-            Acquire::Queued => Ok(Either3::C(promise.expect("queued with a promise"))),
+            Acquire::Queued => {
+                out[..8].copy_from_slice(&(ticket as f64).to_le_bytes());
+                Ok(Either3::C(promise.expect("queued with a promise")))
+            }
         }
     }
 
     /// Gives up a queued wait; `reason` is "timeout" or "abort". False if already granted.
     #[napi(catch_unwind)]
-    pub fn cancel_wait(&self, key: String, ticket: u32, reason: String) -> bool {
+    pub fn cancel_wait(&self, key: String, ticket: f64, reason: String) -> bool {
         let reason = match reason.as_str() {
             "abort" => kvstore_core::Error::Aborted,
             _ => kvstore_core::Error::LockTimeout { key },
         };
-        self.map.cancel_wait(u64::from(ticket), reason)
+        self.map.cancel_wait(ticket as u64, reason)
     }
 
     #[napi(catch_unwind)]
     pub fn release(&self, key: String, token: i64) -> Result<()> {
         self.map.release(&key, token as u64).or_js()
+    }
+
+    /// Whether the lock `token` on `key` is still held (closing its handle frees it).
+    #[napi(catch_unwind)]
+    pub fn holds(&self, key: String, token: i64) -> bool {
+        self.map.holds(&key, token as u64)
+    }
+
+    /// Closes this view: its queued lock waits are rejected with `StoreClosedError`, and no
+    /// lock is handed out through it any more. Locks it holds stay held until released.
+    #[napi(catch_unwind)]
+    pub fn close(&self) {
+        if self.view.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let waits: Vec<u64> = self.view.waits().drain().collect();
+        for ticket in waits {
+            self.map
+                .cancel_wait(ticket, kvstore_core::Error::StoreClosed);
+        }
     }
 
     /// Prepares a write of `record` (or a delete, per `flags`) under the lock `token`; it is
@@ -507,6 +570,7 @@ impl NativeMapStore {
         Ok(NativeRange {
             inner: Some(inner),
             keys_only: options.keys_only.unwrap_or(false),
+            failed: None,
         })
     }
 
@@ -541,6 +605,9 @@ impl NativeMapStore {
 pub struct NativeRange {
     inner: Option<EntryRange>,
     keys_only: bool,
+    /// The step that ended the walk failed after a batch had entries: reported by the next
+    /// call, so every entry before the failure comes through.
+    failed: Option<kvstore_core::Error>,
 }
 
 /// Bytes after which a batch is cut even if `max_items` is not reached.
@@ -548,13 +615,17 @@ const BATCH_BYTES: usize = 1 << 20;
 
 #[napi]
 impl NativeRange {
-    /// Up to `max_items` entries, or null at the end (the snapshot is then freed).
+    /// Up to `max_items` entries, or null at the end (the snapshot is then freed). A failed
+    /// step ends the walk with its error, after the entries before it.
     #[napi(catch_unwind)]
     pub fn next_batch<'env>(
         &mut self,
         env: &'env Env,
         max_items: u32,
     ) -> Result<Option<BufferSlice<'env>>> {
+        if let Some(err) = self.failed.take() {
+            return Err(js_error(err));
+        }
         let Some(inner) = self.inner.as_mut() else {
             return Ok(None);
         };
@@ -575,7 +646,11 @@ impl NativeRange {
                 }
                 Some(Err(err)) => {
                     self.inner = None;
-                    return Err(js_error(err));
+                    if count == 0 {
+                        return Err(js_error(err));
+                    }
+                    self.failed = Some(err);
+                    break;
                 }
                 None => {
                     self.inner = None;

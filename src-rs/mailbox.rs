@@ -12,7 +12,7 @@ use kvstore_core::{Grant, LockMode, LockedEntry, MapStore};
 use napi::bindgen_prelude::{JsError, ToNapiValue};
 use napi::{sys, Env, Error, Result, Status};
 
-use crate::{js_error, to_js_locked};
+use crate::{js_error, to_js_locked, View};
 
 /// A promise's resolver; resolved only on the JS thread that made it.
 pub struct Deferred(sys::napi_deferred);
@@ -21,15 +21,21 @@ pub struct Deferred(sys::napi_deferred);
 unsafe impl Send for Deferred {}
 
 /// A grant on its way to a JS thread. If it is dropped instead of delivered (the thread is gone,
-/// a terminated worker), the lock is released so nobody waits forever.
+/// a terminated worker, the view it was asked through closed), the lock is released so nobody
+/// waits forever.
 pub struct PendingGrant {
     pub map: MapStore,
     pub key: String,
     pub grant: Option<Grant>,
+    pub view: Arc<View>,
 }
 
 impl PendingGrant {
     fn finish(mut self, mode: LockMode) -> kvstore_core::Result<LockedEntry> {
+        if self.view.is_closed() {
+            // Dropped: the lock passes on.
+            return Err(kvstore_core::Error::StoreClosed);
+        }
         let grant = self.grant.take().expect("finished once");
         self.map.finish_acquire(&self.key, grant, mode)
     }

@@ -12,7 +12,6 @@ export class Database {
   readonly #stores = new Set<MapStore<unknown>>()
   readonly #onClose: (() => void) | undefined
   #closed = false
-  #ticket = 0
   #flushScheduled = false
   readonly #flush = (): void => {
     this.#flushScheduled = false
@@ -107,12 +106,6 @@ export class Database {
   async compact(): Promise<boolean> {
     this.#checkOpen()
     return settled(native(() => this.#native.compact()))
-  }
-
-  /** @internal A lock-wait ticket unique within this handle. */
-  nextTicket(): number {
-    this.#ticket = (this.#ticket + 1) >>> 0
-    return this.#ticket
   }
 
   /**

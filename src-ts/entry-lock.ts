@@ -38,13 +38,19 @@ interface LockState {
   held: boolean
 }
 
-// A handle dropped while still held would block its key forever: release it and say so.
+// A handle dropped while still held would block its key forever: release it and say so (not
+// when the core let go of it already: its handle closed).
 const abandoned = new FinalizationRegistry<{ state: LockState; context: LockContext }>(({ state, context }) => {
-  if (!state.held) return
+  if (!state.held || !coreHolds(context, state)) return
   state.held = false
   freeLock(context, state)
   context.logger.warn(`kvstore: the lock on '${state.key}' was garbage-collected while held; it has been released`)
 })
+
+/** Whether the core still counts this lock as held: closing the handle that took it frees it. */
+function coreHolds(context: LockContext, state: LockState): boolean {
+  return context.native.holds(state.key, state.token)
+}
 
 /**
  * Lets the core drop the lock. Also when this view of the store is closed: the core's handle
@@ -109,9 +115,12 @@ export class EntryLock<T> {
     abandoned.register(this, { state: this.#state, context }, this.#state)
   }
 
-  /** Whether this handle still holds its lock. */
+  /**
+   * Whether this handle still holds its lock: false after the final commit or release, and
+   * once the store handle it was taken through closed (the core then passed the key on).
+   */
   get held(): boolean {
-    return this.#state.held
+    return this.#state.held && coreHolds(this.#context, this.#state)
   }
 
   assertHeld(): void {

@@ -129,7 +129,11 @@ export class OpenWalks {
   }
 }
 
-/** One walk: the snapshot is taken at the first `next()` and freed at the end, on break or on dispose. */
+/**
+ * One walk: the snapshot is taken at the first `next()` and freed at the end, on break, on
+ * dispose or at a failed step. Once its store is closed, a walk that has not ended throws
+ * StoreClosedError at every `next()`: it never ends early as if it had reached its end.
+ */
 class EntryWalk<T> implements Iterator<EntryItem<T>> {
   #context: RangeContext<T>
   #options: RangeOptions
@@ -160,9 +164,28 @@ class EntryWalk<T> implements Iterator<EntryItem<T>> {
 
   next(): IteratorResult<EntryItem<T>> {
     if (this.#done) return { done: true, value: undefined }
-    if ((this.#batch === null || this.#at >= this.#batch.length) && !this.#fill()) {
-      this.return()
-      return { done: true, value: undefined }
+    if (this.#range !== undefined) {
+      try {
+        this.#context.checkOpen()
+      } catch (err) {
+        // close() freed the snapshot already; forget it. Not done: the next call throws too.
+        this.#free()
+        throw err
+      }
+    }
+    if (this.#batch === null || this.#at >= this.#batch.length) {
+      let filled: boolean
+      try {
+        filled = this.#fill()
+      } catch (err) {
+        // A failed step (a damaged file, an I/O error) ends the walk and frees its snapshot.
+        if (this.#range !== undefined) this.return()
+        throw err
+      }
+      if (!filled) {
+        this.return()
+        return { done: true, value: undefined }
+      }
     }
     const batch = this.#batch as Buffer
     const keyLength = batch.readUInt32LE(this.#at)
@@ -179,13 +202,17 @@ class EntryWalk<T> implements Iterator<EntryItem<T>> {
 
   return(): IteratorResult<EntryItem<T>> {
     this.#done = true
+    this.#free()
+    return { done: true, value: undefined }
+  }
+
+  #free(): void {
     this.#batch = null
     if (this.#range !== undefined) {
       this.#range.close()
       this.#context.walks.finished(this.#opened as WeakRef<NativeRange>)
       this.#range = undefined
     }
-    return { done: true, value: undefined }
   }
 }
 
@@ -193,7 +220,11 @@ class EntryWalk<T> implements Iterator<EntryItem<T>> {
 export class EntryRange<T> implements Iterable<EntryItem<T>>, AsyncIterable<EntryItem<T>>, Disposable {
   #context: RangeContext<T>
   #options: RangeOptions
-  #walks = new Set<EntryWalk<T>>()
+  /**
+   * Its walks, for `[Symbol.dispose]`; held weakly, so an iterator dropped without `break` is
+   * collected (and its snapshot freed) even while this range lives on.
+   */
+  #walks = new Set<WeakRef<EntryWalk<T>>>()
 
   constructor(context: RangeContext<T>, options: RangeOptions) {
     this.#context = context
@@ -201,16 +232,18 @@ export class EntryRange<T> implements Iterable<EntryItem<T>>, AsyncIterable<Entr
   }
 
   [Symbol.iterator](): Iterator<EntryItem<T>> {
+    for (const ref of this.#walks) if (ref.deref() === undefined) this.#walks.delete(ref)
     const walk = new EntryWalk(this.#context, this.#options)
-    this.#walks.add(walk)
+    const ref = new WeakRef(walk)
+    this.#walks.add(ref)
     const finish = (): IteratorResult<EntryItem<T>> => {
-      this.#walks.delete(walk)
+      this.#walks.delete(ref)
       return walk.return()
     }
     return {
       next: () => {
         const result = walk.next()
-        if (result.done) this.#walks.delete(walk)
+        if (result.done) this.#walks.delete(ref)
         return result
       },
       return: finish,
@@ -227,7 +260,7 @@ export class EntryRange<T> implements Iterable<EntryItem<T>>, AsyncIterable<Entr
 
   /** Frees every snapshot this range still holds. */
   [Symbol.dispose](): void {
-    for (const walk of this.#walks) walk.return()
+    for (const ref of this.#walks) ref.deref()?.return()
     this.#walks.clear()
   }
 

@@ -194,11 +194,11 @@ export class MapStore<T = unknown> {
     const { signal } = options
     if (signal !== undefined && !(signal instanceof AbortSignal)) throw new InvalidArgumentError('signal must be an AbortSignal')
     if (signal?.aborted) throw new AbortError(undefined, { cause: signal.reason })
-    const ticket = this.#parts.database.nextTicket()
     const store = this.#parts.native
     const buffer = this.#readBuffer
-    const locked = native(() => store.lock(key, mode, ticket, buffer))
-    if (isPromise(locked)) return this.#wait(key, ticket, locked, timeoutMs, signal)
+    const locked = native(() => store.lock(key, mode, buffer))
+    // Queued: the wait's ticket (unique in the process, for cancelWait) is in the read buffer.
+    if (isPromise(locked)) return this.#wait(key, buffer.readDoubleLE(0), locked, timeoutMs, signal)
     if (typeof locked !== 'number') return locked
     // Granted at once: the record, if any, was copied into the read buffer after its length.
     const length = buffer.readInt32LE(0)
@@ -380,6 +380,8 @@ export class MapStore<T = unknown> {
     if (this.#closed) return
     this.#closed = true
     this.closeWalks()
+    // Rejects the lock waits queued through this map; a grant on its way is released.
+    this.#parts.native.close()
     if (this.#parts.ownsDatabase) await this.#parts.database.close()
   }
 
