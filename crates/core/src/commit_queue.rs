@@ -17,7 +17,10 @@ use crate::error::{from_redb, Error, Result};
 use crate::locks::LockToken;
 use crate::store::{StoreFile, TableState, META_TABLE};
 
-/// Called exactly once with the outcome of one commit.
+/// Called exactly once with the outcome of one commit, on the writer (or on a thread writing a
+/// batch inline). It must not wait for the store: the blocking calls (`lock` of a held key,
+/// `EntryGuard::commit`, `compact`, waiting for an auto key) refuse there with
+/// `InvalidArgument` instead of deadlocking.
 pub type CommitCallback = Box<dyn FnOnce(Result<()>) + Send>;
 
 /// Most commits that share one transaction; bounds the latency of the first in a batch.

@@ -9,7 +9,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableError};
+use std::ops::Bound;
+
+use redb::{
+    BackendError, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    TableError,
+};
 
 use crate::cache::{EntryCache, Lookup};
 use crate::commit_queue::{Change, CommitCallback, CommitJob, CommitQueue, Job};
@@ -90,6 +95,29 @@ impl redb::StorageBackend for BoxedBackend {
     }
     fn close(&self) -> std::io::Result<()> {
         self.0.close()
+    }
+    // The file lock is the backend's: without these, redb would open a wrapped file unlocked.
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.0.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.0.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.unlock_range(start, end)
+    }
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.0.query_lock_range(start, end)
     }
 }
 
@@ -745,6 +773,7 @@ impl Database {
 
     /// Blocking [`Database::compact_with`].
     pub fn compact(&self) -> Result<bool> {
+        refuse_on_writer("compact")?;
         let (tx, rx) = mpsc::channel();
         self.compact_with(Box::new(move |r| {
             let _ = tx.send(r);
@@ -1212,6 +1241,11 @@ impl MapStore {
         })? {
             Acquire::Granted(grant) => grant,
             Acquire::Queued => {
+                if let Err(err) = refuse_on_writer("lock a held key") {
+                    if self.cancel_wait(ticket, err.clone()) {
+                        return Err(err);
+                    }
+                }
                 let received = match timeout {
                     Some(t) => rx.recv_timeout(t).ok(),
                     None => rx.recv().ok(),
@@ -1257,7 +1291,10 @@ impl MapStore {
             })
         })? {
             NextKey::Ready(key) => Ok(key),
-            NextKey::Pending => rx.recv().map_err(|_| Error::StoreClosed)?,
+            NextKey::Pending => {
+                refuse_on_writer("wait for an auto key")?;
+                rx.recv().map_err(|_| Error::StoreClosed)?
+            }
         }
     }
 
@@ -1278,6 +1315,18 @@ impl MapStore {
             Ok(())
         }
     }
+}
+
+/// The blocking calls wait for the writer; inside a commit or grant callback (which the writer
+/// runs, or a thread writing a batch inline) they would wait forever, so they are refused.
+fn refuse_on_writer(what: &str) -> Result<()> {
+    if crate::commit_queue::on_writer_thread() {
+        return Err(Error::invalid(format!(
+            "cannot {what} and wait inside a commit or grant callback: it runs on the writer, \
+             which the wait needs; use the callback-taking calls or another thread"
+        )));
+    }
+    Ok(())
 }
 
 /// A held lock, for Rust callers. Dropping it releases the lock without writing.
@@ -1312,6 +1361,7 @@ impl EntryGuard {
     }
 
     fn write(&mut self, change: Change, options: CommitOptions) -> Result<()> {
+        refuse_on_writer("commit")?;
         let (tx, rx) = mpsc::channel();
         let written = match &change {
             Change::Put(record) => Some(record.clone()),

@@ -13,8 +13,10 @@ use kvstore_core::{
     check_integrity, envelope, Backend, Database, DatabaseOptions, ErrorCode, LockMode, MapOptions,
     MapStore, RangeOptions,
 };
+use std::ops::Bound;
+
 use redb::backends::FileBackend;
-use redb::StorageBackend;
+use redb::{BackendError, StorageBackend};
 
 const EIO: i32 = 5;
 const ENOSPC: i32 = 28;
@@ -96,6 +98,29 @@ impl StorageBackend for Faulty {
     }
     fn close(&self) -> std::io::Result<()> {
         self.file.close()
+    }
+    // The file lock too, so these tests see what a second open of a held file does.
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.file.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.file.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.file.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.file.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.file.unlock_range(start, end)
+    }
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.file.query_lock_range(start, end)
     }
 }
 
@@ -455,4 +480,22 @@ fn a_torn_or_damaged_file_reports_corruption_and_never_panics() {
         "damage was reported ({detected} of 150 files)"
     );
     eprintln!("6 torn files refused; {detected} of 150 damaged files reported as corrupt");
+}
+
+#[test]
+fn a_file_open_through_a_custom_backend_keeps_its_file_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("locked.redb");
+    let faults = Arc::new(Faults::default());
+    let db = open_faulty(&path, &faults);
+    let map = db.map_store("m", MapOptions::default()).unwrap();
+    put(&map, "k", b"v").unwrap();
+    // Another opener of the file (as another process would be) is refused while it is open.
+    assert!(matches!(
+        redb::Database::create(&path),
+        Err(redb::DatabaseError::DatabaseAlreadyOpen)
+    ));
+    db.close();
+    drop(map);
+    redb::Database::create(&path).expect("free once closed");
 }

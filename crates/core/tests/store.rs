@@ -579,3 +579,37 @@ fn a_backup_begun_before_close_is_ended_by_it_and_the_file_reopens() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     again.close();
 }
+
+#[test]
+fn a_blocking_call_inside_a_commit_callback_is_refused_not_a_deadlock() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, map) = open(&dir);
+    let inner = map.lock("inner", LockMode::New, None).unwrap();
+    let outer = map.lock("outer", LockMode::New, None).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let in_callback = map.clone();
+    map.commit(
+        "outer",
+        outer.token(),
+        kvstore_core::Change::Put(envelope::encode(&[], b"o").into()),
+        kvstore_core::CommitOptions::default(),
+        Box::new(move |outcome| {
+            outcome.unwrap();
+            let commit = inner.commit(envelope::encode(&[], b"i"));
+            let auto_key = in_callback.next_key_blocking().map(drop);
+            tx.send((commit, auto_key)).unwrap();
+        }),
+    )
+    .unwrap();
+    let (commit, auto_key) = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the callback returned (no deadlock)");
+    drop(outer); // its lock went with the commit above: nothing left to release
+    for refused in [commit, auto_key] {
+        assert_eq!(
+            refused.unwrap_err().code(),
+            kvstore_core::ErrorCode::InvalidArgument
+        );
+    }
+    assert_eq!(map.get_record("outer").unwrap().unwrap().value, b"o");
+}
