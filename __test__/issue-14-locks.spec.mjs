@@ -77,3 +77,22 @@ test('a closed view refuses new lock requests with StoreClosedError', async (t) 
   await t.throwsAsync(view.createAndLockEntry('k'), { instanceOf: kv.StoreClosedError })
   t.is(db.mapStore('m').stats().locksHeld, 0)
 })
+
+test('a grant on its way when its db.mapStore() view closes is released, not handed out', async (t) => {
+  const db = await kv.Database.open(join(tempDir(t), 'view-race.redb'))
+  t.teardown(() => db.close())
+  const closing = db.mapStore('m')
+  const other = db.mapStore('m')
+  await put(other, 'k', 1)
+  const holder = await other.getAndLockEntry('k')
+  const waiting = closing.getAndLockEntry('k')
+  await waitersQueued(other, 1)
+  // In one synchronous stretch: the key is handed to the waiter (its grant is queued for this
+  // thread), then the view closes before the grant is delivered.
+  holder.release()
+  void closing.close()
+  await t.throwsAsync(waiting, { instanceOf: kv.StoreClosedError })
+  t.is(other.stats().locksHeld, 0, 'the grant was released')
+  const again = await other.getAndLockEntry('k', { timeoutMs: 0 })
+  again.release()
+})
