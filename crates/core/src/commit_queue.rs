@@ -475,6 +475,10 @@ impl Writer {
                         let meta = meta.as_mut().expect("opened above");
                         meta.insert(table.sequence_key.as_str(), until.to_le_bytes().as_slice())
                             .map_err(|e| redb_err(e.into()))?;
+                        if let Some(format) = table.key_format() {
+                            meta.insert(table.keys_key.as_str(), format.encode().as_bytes())
+                                .map_err(|e| redb_err(e.into()))?;
+                        }
                     }
                     Job::Barrier(_) | Job::Many(_) | Job::Wake | Job::Shutdown => {}
                 }

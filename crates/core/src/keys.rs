@@ -52,6 +52,17 @@ impl KeyFormat {
         Ok(KeyFormat { width, base })
     }
 
+    /// As recorded in the file: `"<width>,<base>"` in UTF-8.
+    pub(crate) fn encode(&self) -> String {
+        format!("{},{}", self.width, self.base)
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let (width, base) = text.split_once(',')?;
+        KeyFormat::new(width.parse().ok()?, base.parse().ok()?).ok()
+    }
+
     /// Spells `n`, or fails when `n` needs more than `width` digits.
     pub fn format(&self, n: u64) -> Result<String> {
         let mut digits = Vec::with_capacity(self.width);

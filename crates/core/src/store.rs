@@ -195,8 +195,12 @@ pub(crate) struct TableState {
     pub name: String,
     pub redb_name: String,
     pub sequence_key: String,
+    /// Meta key recording the auto-key format, written with each lease.
+    pub keys_key: String,
     pub codec: String,
-    pub keys: KeyFormat,
+    /// The format the table's auto keys are generated in: recorded in the file, else set by the
+    /// first opener here that generates one.
+    key_format: Mutex<Option<KeyFormat>>,
     pub locks: LockTable,
     pub cache: EntryCache<Snapshot>,
     sequence: Mutex<KeySequence>,
@@ -205,6 +209,25 @@ pub(crate) struct TableState {
 impl TableState {
     pub fn sequence(&self) -> MutexGuard<'_, KeySequence> {
         self.sequence.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The format to generate keys in for an opener that asked for `wanted`: another format
+    /// than the table's keys were generated in would break their creation order.
+    fn check_key_format(&self, wanted: KeyFormat) -> Result<KeyFormat> {
+        let mut format = self.key_format.lock().unwrap_or_else(|p| p.into_inner());
+        match *format {
+            Some(recorded) if recorded != wanted => Err(Error::invalid(format!(
+                "table '{}' generates auto keys of width {} in base {}; this store was opened \
+                 with width {} in base {}",
+                self.name, recorded.width, recorded.base, wanted.width, wanted.base
+            ))),
+            _ => Ok(*format.get_or_insert(wanted)),
+        }
+    }
+
+    /// The auto-key format to record with a lease.
+    pub fn key_format(&self) -> Option<KeyFormat> {
+        *self.key_format.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn definition(&self) -> TableDefinition<'_, &'static str, &'static [u8]> {
@@ -488,8 +511,9 @@ impl StoreFile {
         let redb_name = format!("map:{name}");
         let codec_key = format!("codec:{name}");
         let sequence_key = format!("seq:{name}");
+        let keys_key = format!("keys:{name}");
         let txn = self.db()?.begin_write().map_err(|e| self.redb_err(e))?;
-        let leased_until = {
+        let (leased_until, key_format) = {
             txn.open_table(TableDefinition::<&str, &[u8]>::new(&redb_name))
                 .map_err(|e| self.redb_err(e))?;
             let mut meta = txn.open_table(META_TABLE).map_err(|e| self.redb_err(e))?;
@@ -515,15 +539,20 @@ impl StoreFile {
                 .get(sequence_key.as_str())
                 .map_err(|e| self.redb_err(e))?
                 .map(|g| decode_u64(g.value()));
-            leased.unwrap_or(0)
+            let key_format = meta
+                .get(keys_key.as_str())
+                .map_err(|e| self.redb_err(e))?
+                .and_then(|g| KeyFormat::decode(g.value()));
+            (leased.unwrap_or(0), key_format)
         };
         txn.commit().map_err(|e| self.redb_err(e))?;
         let table = Arc::new(TableState {
             name: name.to_string(),
             redb_name,
             sequence_key,
+            keys_key,
             codec: options.codec.clone(),
-            keys: options.keys,
+            key_format: Mutex::new(key_format),
             locks: LockTable::new(),
             cache: EntryCache::new(options.cache_capacity),
             sequence: Mutex::new(KeySequence::new(leased_until, options.bandwidth)),
@@ -718,6 +747,7 @@ impl Database {
         Ok(MapStore {
             handle: self.handle.clone(),
             table,
+            keys: options.keys,
         })
     }
 
@@ -890,6 +920,8 @@ impl crate::range::WalkSource for WalkOf {
 pub struct MapStore {
     handle: Arc<Handle>,
     table: Arc<TableState>,
+    /// How this opener spells auto keys; it must match how the table's keys were generated.
+    keys: KeyFormat,
 }
 
 /// Outcome of [`MapStore::next_key`] when no number was at hand.
@@ -1176,7 +1208,7 @@ impl MapStore {
         make_waiter: impl FnOnce() -> Box<dyn FnOnce(Result<String>) + Send>,
     ) -> Result<NextKey> {
         self.check_open()?;
-        let keys = self.table.keys;
+        let keys = self.table.check_key_format(self.keys)?;
         let take = self.table.sequence().take(|| {
             let notify = make_waiter();
             let waiter: NumberCallback = Box::new(move |n| notify(n.and_then(|n| keys.format(n))));

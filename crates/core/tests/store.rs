@@ -613,3 +613,38 @@ fn a_blocking_call_inside_a_commit_callback_is_refused_not_a_deadlock() {
     }
     assert_eq!(map.get_record("outer").unwrap().unwrap().value, b"o");
 }
+
+#[test]
+fn auto_keys_are_generated_in_one_format_per_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.redb");
+    let narrow = MapOptions {
+        keys: kvstore_core::KeyFormat::new(4, 10).unwrap(),
+        ..Default::default()
+    };
+    let db = Database::open(&path, DatabaseOptions::default()).unwrap();
+    let first = db.map_store("jobs", narrow.clone()).unwrap();
+    assert_eq!(first.next_key_blocking().unwrap(), "0000");
+    // A second opener asking for another format is refused when it generates a key...
+    let other = db.map_store("jobs", MapOptions::default()).unwrap();
+    let err = other.next_key_blocking().unwrap_err();
+    assert_eq!(err.code(), kvstore_core::ErrorCode::InvalidArgument);
+    assert!(err.to_string().contains("width 4"), "{err}");
+    // ...but reads through it as usual.
+    assert!(other.get("0000").unwrap().is_none());
+    assert_eq!(first.next_key_blocking().unwrap(), "0001");
+    db.close();
+    // The format is recorded in the file: a later open with another one is refused too.
+    let db = Database::open(&path, DatabaseOptions::default()).unwrap();
+    let reopened = db.map_store("jobs", MapOptions::default()).unwrap();
+    assert_eq!(
+        reopened.next_key_blocking().unwrap_err().code(),
+        kvstore_core::ErrorCode::InvalidArgument
+    );
+    let same = db.map_store("jobs", narrow).unwrap();
+    assert_eq!(
+        same.next_key_blocking().unwrap(),
+        "0002",
+        "the rest of the lease was given back at close"
+    );
+}
