@@ -1,5 +1,6 @@
 import test from 'ava'
 import { join } from 'node:path'
+import { existsSync, readdirSync } from 'node:fs'
 import { kv, put, tempDir, tempStore } from './helpers.mjs'
 
 test('backup while commits keep flowing gives a copy that opens and matches one snapshot', async (t) => {
@@ -62,14 +63,24 @@ test('tables() lists every map with its codec', async (t) => {
   ])
 })
 
-test('issue: a backup in flight when the store closes still settles', async (t) => {
+test('issue: a backup in flight when the store closes settles, whole or refused, and the file reopens at once', async (t) => {
   const dir = tempDir(t)
   const store = await kv.MapStore.open(join(dir, 'closing.redb'))
   for (let i = 0; i < 200; i++) await put(store, `k${i}`, { i })
   const backup = store.backup(join(dir, 'copy.redb'))
   await store.close()
-  await backup
-  const copy = await kv.MapStore.open(join(dir, 'copy.redb'))
-  t.is(copy.count(), 200)
-  await copy.close()
+  // close() ends a copy still under way: the file is free as soon as close() resolves.
+  const again = await kv.MapStore.open(join(dir, 'closing.redb'))
+  t.is(again.count(), 200)
+  await again.close()
+  const outcome = await backup.then(() => 'copied', (err) => err)
+  if (outcome === 'copied') {
+    const copy = await kv.MapStore.open(join(dir, 'copy.redb'))
+    t.is(copy.count(), 200)
+    await copy.close()
+  } else {
+    t.true(outcome instanceof kv.StoreClosedError, String(outcome))
+    t.false(existsSync(join(dir, 'copy.redb')))
+  }
+  t.deepEqual(readdirSync(dir).filter((name) => name.includes('partial')), [])
 })

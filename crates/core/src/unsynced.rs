@@ -9,11 +9,13 @@ use redb::{Durability, TableDefinition};
 
 use crate::error::{from_redb, Result};
 
-/// The last acknowledged state of every key written since the last durable transaction, by
-/// redb table name (`None`: deleted).
+/// The last acknowledged record of each key of one table (`None`: deleted).
+type Records = HashMap<Box<str>, Option<Arc<[u8]>>>;
+
+/// Every key written since the last durable transaction, by redb table name.
 #[derive(Default)]
 pub(crate) struct UnsyncedChanges {
-    tables: HashMap<String, HashMap<Box<str>, Option<Arc<[u8]>>>>,
+    tables: HashMap<String, Records>,
     /// Non-durable transactions recorded since the last durable one.
     transactions: u64,
 }
