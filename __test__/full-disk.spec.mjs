@@ -55,3 +55,62 @@ maybe('a full disk rejects the commit with IoError ENOSPC, loses nothing, and th
   await reopened.close()
   t.true(await kv.Database.checkIntegrity(path))
 })
+
+maybe('issue 14.5: under durability none, a full disk loses no acknowledged commit (written again once space returns)', async (t) => {
+  const dir = tempDir(t)
+  // redb holds non-durable pages in memory (here ~18 MB) until it spills: room for them once
+  // the ballast goes.
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', dir])
+  t.teardown(() => execFileSync('umount', ['-l', dir]))
+  const ballast = join(dir, 'ballast')
+  writeFileSync(ballast, Buffer.alloc(60 << 20, 1))
+  const path = join(dir, 'full.redb')
+  // No sync falls due during the test: every acknowledged commit is held only by the instance.
+  const store = await kv.MapStore.open(path, { codec: kv.codecs.raw, durability: 'none', syncIntervalMs: 3_600_000 })
+  const value = Buffer.alloc(32 * 1024, 7)
+  const committed = []
+  let failure
+  for (let i = 0; i < 1000 && failure === undefined; i++) {
+    const lock = await store.createAndLockEntry(`k${i}`, { value })
+    try {
+      await lock.commit()
+      committed.push(`k${i}`)
+    } catch (err) {
+      failure = err
+    }
+  }
+  t.is(failure?.systemCode, 'ENOSPC')
+  t.true(committed.length > 10)
+  t.true(store.stats().unsyncedBatches > 0, 'the acknowledged commits are not durable yet')
+
+  rmSync(ballast)
+  const after = await store.createAndLockEntry('after', { value: Buffer.from('small') })
+  await after.commit()
+  for (const key of committed) t.deepEqual(store.getEntry(key)?.value, value, key)
+  await store.close()
+
+  const reopened = await kv.MapStore.open(path, { codec: kv.codecs.raw })
+  t.is(reopened.count(), committed.length + 1)
+  for (const key of committed) t.deepEqual(reopened.getEntry(key)?.value, value, key)
+  await reopened.close()
+})
+
+maybe('issue 14.5: under durability none, a disk still full at close makes close() report the lost commits', async (t) => {
+  const dir = tempDir(t)
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', dir])
+  t.teardown(() => execFileSync('umount', ['-l', dir]))
+  writeFileSync(join(dir, 'ballast'), Buffer.alloc(1 << 20, 1))
+  const path = join(dir, 'full.redb')
+  const store = await kv.MapStore.open(path, { codec: kv.codecs.raw, durability: 'none', syncIntervalMs: 3_600_000 })
+  const value = Buffer.alloc(32 * 1024, 7)
+  let failure
+  for (let i = 0; i < 2000 && failure === undefined; i++) {
+    const lock = await store.createAndLockEntry(`k${i}`, { value })
+    await lock.commit().catch((err) => { failure = err })
+  }
+  t.is(failure?.systemCode, 'ENOSPC')
+  const err = await t.throwsAsync(store.close(), { instanceOf: kv.IoError })
+  t.regex(err.message, /acknowledged non-durable transaction\(s\) .* lost/)
+  t.is(err.systemCode, 'ENOSPC')
+  t.throws(() => store.getEntry('k0'), { instanceOf: kv.StoreClosedError }, 'closed all the same')
+})

@@ -227,14 +227,16 @@ impl NativeDatabase {
 
     /// Waits for this handle's commits in flight, then releases its locks and waiters.
     #[napi(catch_unwind)]
+    /// Fails when this was the file's last handle and its final sync failed: acknowledged
+    /// non-durable commits were lost (the handle is closed all the same).
     pub fn close(&mut self, env: Env) -> Result<()> {
         flush_pending(&self.db, &self.pending);
-        self.db.close();
+        let closed = self.db.try_close();
         self.mailbox.close(&env);
         if let Some(hook) = self.cleanup.take() {
             env.remove_env_cleanup_hook(hook)?;
         }
-        Ok(())
+        closed.or_js()
     }
 }
 

@@ -133,9 +133,13 @@ export class Database {
     for (const store of this.#stores) store.closeWalks()
     this.#stores.clear()
     // The native close waits for this handle's commits in flight and settles their promises
-    // before it returns.
-    this.#native.close()
-    this.#onClose?.()
+    // before it returns. It throws (an IoError) when the file's final sync failed and
+    // acknowledged non-durable commits were lost; the handle is closed either way.
+    try {
+      native(() => this.#native.close())
+    } finally {
+      this.#onClose?.()
+    }
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

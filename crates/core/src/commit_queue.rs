@@ -83,7 +83,8 @@ pub(crate) fn on_writer_thread() -> bool {
 
 pub(crate) struct CommitQueue {
     tx: mpsc::Sender<Job>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// The writer; it returns the outcome of its final sync.
+    thread: Mutex<Option<JoinHandle<Result<()>>>>,
     /// The writer's state: the writer thread holds it while it writes a batch, and so does a
     /// caller that writes its own batch inline (see [`CommitQueue::write_inline`]).
     writer: Arc<Mutex<Writer>>,
@@ -158,17 +159,19 @@ impl CommitQueue {
         }
     }
 
-    /// Lets the writer finish what is queued, make it durable, and stop.
-    pub fn shutdown(&self) {
+    /// Lets the writer finish what is queued, make it durable, and stop. Fails when the final
+    /// sync did: the non-durable commits since the last sync are lost.
+    pub fn shutdown(&self) -> Result<()> {
         self.stopping.store(true, Ordering::SeqCst);
         let _ = self.tx.send(Job::Shutdown);
         if on_writer_thread() {
             // The writer stops by itself after the shutdown job; it cannot join itself.
-            return;
+            return Ok(());
         }
         let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(thread) = thread {
-            let _ = thread.join();
+        match thread.map(|t| t.join()) {
+            Some(Ok(outcome)) => outcome,
+            _ => Ok(()),
         }
     }
 }
@@ -219,7 +222,7 @@ fn lock_writer(writer: &Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
 }
 
 /// The writer thread: batches whatever is queued into one transaction at a time.
-fn run(writer: &Mutex<Writer>, rx: mpsc::Receiver<Job>) {
+fn run(writer: &Mutex<Writer>, rx: mpsc::Receiver<Job>) -> Result<()> {
     ON_WRITER.with(|on| on.set(true));
     let mut carry: Vec<Job> = Vec::new();
     let mut stopping = false;
@@ -265,7 +268,7 @@ fn run(writer: &Mutex<Writer>, rx: mpsc::Receiver<Job>) {
     for job in carry {
         fail_job(job, &Error::StoreClosed);
     }
-    lock_writer(writer).close();
+    lock_writer(writer).close()
 }
 
 impl Writer {
@@ -322,10 +325,22 @@ impl Writer {
 
     /// At shutdown: gives back the unused rest of each key lease and makes everything
     /// durable, reopening a broken file first. If that fails (the disk is still full), the
-    /// non-durable commits since the last sync are lost with the instance.
-    fn close(&mut self) {
-        if self.broken && self.recover().is_err() {
-            return;
+    /// non-durable commits since the last sync are lost with the instance: the error says so.
+    fn close(&mut self) -> Result<()> {
+        let at_risk = self.stats.unsynced_batches.load(Ordering::Relaxed);
+        let path = self.file.path().to_string();
+        let lost = |err: Error| Error::Io {
+            errno: match &err {
+                Error::Io { errno, .. } => *errno,
+                _ => None,
+            },
+            message: format!(
+                "{at_risk} acknowledged non-durable transaction(s) of '{path}' could not be made \
+                 durable at close and are lost: {err}"
+            ),
+        };
+        if self.broken {
+            self.recover().map_err(&lost)?;
         }
         let leases: Vec<Job> = self
             .file
@@ -340,9 +355,13 @@ impl Writer {
                 })
             })
             .collect();
-        if self.unsynced_since.is_some() || !leases.is_empty() {
-            let _ = self.write(&leases, true);
+        let unsynced = self.unsynced_since.is_some();
+        if unsynced || !leases.is_empty() {
+            if let Err(err) = self.write(&leases, true) {
+                return if unsynced { Err(lost(err)) } else { Ok(()) };
+            }
         }
+        Ok(())
     }
 
     /// Writes one batch and settles it. Returns follow-up jobs (further key leases).

@@ -675,25 +675,27 @@ struct Handle {
 }
 
 impl Handle {
-    fn close(&self) {
+    fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::SeqCst) {
-            return;
+            return Ok(());
         }
         // Commits already submitted by this handle land before its locks are let go.
         self.shared.barrier();
         for table in self.shared.tables() {
             table.locks.release_owner(self.owner);
         }
+        let mut outcome = Ok(());
         crate::registry::close(&self.registered, &self.shared, || {
-            self.shared.queue.shutdown();
+            outcome = self.shared.queue.shutdown();
             self.shared.release();
         });
+        outcome
     }
 }
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        self.close();
+        let _ = self.close();
     }
 }
 
@@ -767,7 +769,14 @@ impl Database {
     /// Waits for this handle's commits in flight, releases its locks and rejects its waiters;
     /// closes the file if this was its last handle. Idempotent.
     pub fn close(&self) {
-        self.handle.close();
+        let _ = self.handle.close();
+    }
+
+    /// As [`Database::close`], and says whether anything acknowledged was lost: when this was
+    /// the last handle and the final sync failed (say the disk is still full), the non-durable
+    /// commits since the last sync are gone, and the error says how many transactions.
+    pub fn try_close(&self) -> Result<()> {
+        self.handle.close()
     }
 
     fn check_open(&self) -> Result<()> {
