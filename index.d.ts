@@ -34,7 +34,11 @@ export declare class NativeDatabase {
   compact(): Promise<boolean>
   /** The maps of this file with the codec each was created with. */
   tables(): Array<NativeTableInfo>
-  /** Waits for this handle's commits in flight, then releases its locks and waiters. */
+  /**
+   * Waits for this handle's commits in flight, then releases its locks and waiters.
+   * Fails when this was the file's last handle and its final sync failed: acknowledged
+   * non-durable commits were lost (the handle is closed all the same).
+   */
   close(): void
 }
 
