@@ -139,11 +139,14 @@ impl CommitQueue {
         // Callbacks run here as on the writer thread: code in them must not wait for it.
         let was_writer = ON_WRITER.with(|on| on.replace(true));
         let was_unsynced = writer.unsynced_since.is_some();
+        let was_broken = writer.broken;
         let carry = writer.commit_batch(jobs);
-        let wake = !was_unsynced && writer.unsynced_since.is_some();
+        // The writer may be asleep with nothing due: it must sync these in time, and retry the
+        // reopen of a file this batch broke.
+        let wake =
+            (!was_unsynced && writer.unsynced_since.is_some()) || (!was_broken && writer.broken);
         drop(writer);
         if wake {
-            // The writer may be asleep with nothing due: it must sync these in time.
             let _ = self.tx.send(Job::Wake);
         }
         ON_WRITER.with(|on| on.set(was_writer));
@@ -567,7 +570,8 @@ fn settle_success(job: Job) -> Option<Job> {
             })
         }
         Job::Barrier(done) => {
-            done();
+            // Maintenance runs in barriers: a panic there must not take the writer down.
+            let _ = catch_unwind(AssertUnwindSafe(done));
             None
         }
         Job::Many(_) | Job::Wake | Job::Shutdown => None,

@@ -1,6 +1,7 @@
 //! Whole-file operations: a consistent backup while commits go on, compaction, and the list
 //! of maps with their codecs.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -352,16 +353,35 @@ pub(crate) fn compact(file: &StoreFile, slot: &mut Option<Arc<redb::Database>>) 
         tries += 1;
         std::thread::sleep(READ_WAIT);
     };
-    let mut outcome = db.compact();
-    // A read transaction a reader began just before the slot was locked ends within
-    // microseconds; walks and backups were ruled out above.
-    for _ in 0..READ_WAIT_TRIES {
-        if !matches!(outcome, Err(redb::CompactionError::TransactionInProgress)) {
-            break;
+    let compacted = catch_unwind(AssertUnwindSafe(|| {
+        let mut outcome = db.compact();
+        // A read transaction a reader began just before the slot was locked ends within
+        // microseconds; walks and backups were ruled out above.
+        for _ in 0..READ_WAIT_TRIES {
+            if !matches!(outcome, Err(redb::CompactionError::TransactionInProgress)) {
+                break;
+            }
+            std::thread::sleep(READ_WAIT);
+            outcome = db.compact();
         }
-        std::thread::sleep(READ_WAIT);
-        outcome = db.compact();
-    }
+        outcome
+    }));
+    let outcome = match compacted {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            // redb failed on a damaged page midway: this instance is not to be trusted. The
+            // slot stays empty, so the next caller opens the file afresh. (Dropping a damaged
+            // instance can panic too.)
+            let _ = catch_unwind(AssertUnwindSafe(move || drop(db)));
+            return Err(Error::DatabaseCorrupt {
+                path: file.path().to_string(),
+                detail: format!(
+                    "compaction stopped at a damaged page: {}",
+                    crate::error::panic_message(&*panic)
+                ),
+            });
+        }
+    };
     *slot = Some(Arc::new(db));
     outcome.map_err(|e| match e {
         redb::CompactionError::TransactionInProgress => Error::invalid(

@@ -441,7 +441,13 @@ impl StoreFile {
         for table in tables {
             table.cache.refuse_snapshots();
         }
-        crate::maintenance::compact(self, &mut slot)
+        crate::error::guard_damage(&self.path, || {
+            if slot.is_none() {
+                // A failed reopen left it empty: try again, as any reader would.
+                *slot = Some(self.reopen()?);
+            }
+            crate::maintenance::compact(self, &mut slot)
+        })
     }
 
     /// Drops every table's kept read snapshot (after each transaction; see the cache).
