@@ -4,6 +4,7 @@
 import test from 'ava'
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
+import { existsSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { kv, put, tempDir } from './helpers.mjs'
 
@@ -218,4 +219,42 @@ test('13 an argument that is not valid UTF-8 is refused with the one-line error'
   t.regex(prefix.stderr, /^kvstore: argument 4 is not valid UTF-8/)
   const fine = await kvstore(['get', path, '\ufffd'])
   t.is(fine.code, 0, 'a real U+FFFD is fine')
+})
+
+test('a dump whose output cannot be written (a full device) exits 1, not 0', async (t) => {
+  const path = join(tempDir(t), 'full-out.redb')
+  const store = await kv.MapStore.open(path, { table: 't' })
+  for (let i = 0; i < 50; i++) await put(store, `k${i}`, { i })
+  await store.close()
+  const r = await run('bash', ['-c', `"${process.execPath}" "${cli}" dump "${path}" --table t > /dev/full`])
+  t.is(r.code, 1)
+  t.regex(r.stderr, /cannot write the output: ENOSPC/)
+})
+
+test('reading commands refuse an empty file and leave it as it was', async (t) => {
+  const path = join(tempDir(t), 'empty.redb')
+  writeFileSync(path, '')
+  for (const command of ['stats', 'tables', 'ls', 'dump', 'get']) {
+    const r = await kvstore(command === 'get' ? [command, path, 'k'] : [command, path])
+    t.is(r.code, 1, command)
+    t.regex(r.stderr, /is empty: not a kvstore file/, command)
+    t.is(statSync(path).size, 0, `${command} wrote nothing`)
+  }
+})
+
+test('load takes a header after a byte order mark, and loads nothing when the first line is not JSON', async (t) => {
+  const dir = tempDir(t)
+  const withBom = join(dir, 'bom.redb')
+  const header = JSON.stringify({ kvstore: 'dump', format: 1, table: 'm', codec: 'json' })
+  const ok = await kvstore(['load', withBom], `\uFEFF${header}\n{"key":"a","value":1}\n`)
+  t.is(ok.code, 0, ok.stderr)
+  const store = await kv.MapStore.open(withBom, { table: 'm', codec: kv.codecs.json })
+  t.is(store.getEntry('a')?.value, 1)
+  await store.close()
+
+  const garbled = join(dir, 'garbled.redb')
+  const refused = await kvstore(['load', garbled], `#${header}\n{"key":"a","value":1}\n`)
+  t.is(refused.code, 2)
+  t.regex(refused.stderr, /line 1: not JSON; nothing was loaded/)
+  t.false(existsSync(garbled), 'no store was created')
 })

@@ -2,13 +2,13 @@
 // kvstore <command> <file> — look inside a store from the shell. Values are shown as JSON. A dump
 // carries the table's codec (a header line) and each value's stored bytes (base64), so `load`
 // recreates the table byte for byte; the JSON `value` beside them is for reading.
-import { existsSync, readFileSync } from 'node:fs'
+import { existsSync, readFileSync, statSync } from 'node:fs'
 import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 import { codecs, type Codec } from './codecs'
 import { Database } from './database'
 import { checkMetadata, type Metadata } from './envelope'
-import { KvStoreError } from './errors'
+import { DatabaseCorruptError, KvStoreError } from './errors'
 import type { MapStore } from './map-store'
 
 const HELP: Record<string, string> = {
@@ -108,7 +108,10 @@ class Output {
   constructor() {
     process.stdout.on('error', (err: NodeJS.ErrnoException) => {
       this.#closed = true
-      if (err.code !== 'EPIPE') process.stderr.write(`kvstore: cannot write the output: ${err.message}\n`)
+      if (err.code === 'EPIPE') return
+      // A full disk or a broken device: the output is incomplete, and the exit code says so.
+      process.stderr.write(`kvstore: cannot write the output: ${err.message}\n`)
+      process.exitCode = 1
     })
     // A reader of stderr may go away too; nothing more to say then.
     process.stderr.on('error', () => {})
@@ -230,14 +233,17 @@ async function load(file: string, tableOption: string | undefined, out: Output):
   // The first line may be a dump's header: it names the table and its codec.
   for (let next = await lines.next(); !next.done; next = await lines.next()) {
     number++
-    if (next.value.trim() === '') continue
+    // A byte order mark some editors put first is not part of the JSON.
+    const text = number === 1 ? next.value.replace(/^\uFEFF/, '') : next.value
+    if (text.trim() === '') continue
     let parsed: unknown
     try {
-      parsed = JSON.parse(next.value)
+      parsed = JSON.parse(text)
     } catch {
-      parsed = undefined
+      // What the first line is decides the table: if it cannot be read, nothing is loaded.
+      throw new UsageError(`line ${number}: not JSON; nothing was loaded`)
     }
-    first = { number, parsed, text: next.value }
+    first = { number, parsed, text }
     break
   }
   let header: DumpHeader | undefined
@@ -363,6 +369,10 @@ async function main(argv: string[], out: Output): Promise<void> {
   if (file === undefined) throw new UsageError(HELP[command])
   if (command === 'load') return load(file, values.table, out)
   if (!existsSync(file)) throw new UsageError(`no such file: ${file}`)
+  // Opening would turn an empty file into a new store: a reading command changes nothing.
+  if (statSync(file).isFile() && statSync(file).size === 0) {
+    throw new DatabaseCorruptError(`'${file}' is empty: not a kvstore file`)
+  }
   const table = values.table ?? 'default'
   const db = await Database.open(file)
   try {

@@ -72,16 +72,21 @@ pub struct CommitStats {
 }
 
 thread_local! {
-    static ON_WRITER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The queue whose batch this thread is writing (0: none): its writer thread, or a caller
+    /// writing a batch inline. Callbacks of that batch run here.
+    static ON_WRITER: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// Whether the current thread is a writer. Code that waits for the writer (a barrier) must not
-/// run there: the last handle of a store can be dropped on the writer, inside a callback.
-pub(crate) fn on_writer_thread() -> bool {
+static NEXT_QUEUE: AtomicU64 = AtomicU64::new(1);
+
+/// The queue whose batch the current thread is writing, if any (0: none).
+pub(crate) fn current_writer() -> u64 {
     ON_WRITER.with(|on| on.get())
 }
 
 pub(crate) struct CommitQueue {
+    /// Names this queue for [`current_writer`].
+    id: u64,
     tx: mpsc::Sender<Job>,
     /// The writer; it returns the outcome of its final sync.
     thread: Mutex<Option<JoinHandle<Result<()>>>>,
@@ -98,6 +103,7 @@ impl CommitQueue {
     /// first of them, by the next transaction or, when none comes, by the idle writer.
     pub fn start(file: Arc<StoreFile>, sync_interval: Duration) -> Result<Self> {
         let (tx, rx) = mpsc::channel();
+        let id = NEXT_QUEUE.fetch_add(1, Ordering::Relaxed);
         let stats = Arc::new(CommitStats::default());
         let writer = Arc::new(Mutex::new(Writer {
             file,
@@ -110,8 +116,9 @@ impl CommitQueue {
         let shared = writer.clone();
         let thread = std::thread::Builder::new()
             .name("kvstore-writer".into())
-            .spawn(move || run(&shared, rx))?;
+            .spawn(move || run(id, &shared, rx))?;
         Ok(CommitQueue {
+            id,
             tx,
             thread: Mutex::new(Some(thread)),
             writer,
@@ -137,7 +144,13 @@ impl CommitQueue {
             return false;
         };
         // Callbacks run here as on the writer thread: code in them must not wait for it.
-        let was_writer = ON_WRITER.with(|on| on.replace(true));
+        if self.stopping.load(Ordering::SeqCst) {
+            // Shutdown came between the check above and the lock: the writer has the rest.
+            drop(writer);
+            self.submit(Job::Many(jobs));
+            return false;
+        }
+        let was_writer = ON_WRITER.with(|on| on.replace(self.id));
         let was_unsynced = writer.unsynced_since.is_some();
         let was_broken = writer.broken;
         let carry = writer.commit_batch(jobs);
@@ -156,6 +169,16 @@ impl CommitQueue {
         true
     }
 
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Whether this thread is writing one of this queue's batches (so its callbacks run here):
+    /// code that waits for this queue's writer must not run now.
+    pub fn is_current_writer(&self) -> bool {
+        current_writer() == self.id
+    }
+
     pub fn submit(&self, job: Job) {
         if let Err(mpsc::SendError(job)) = self.tx.send(job) {
             fail_job(job, &Error::StoreClosed);
@@ -167,7 +190,7 @@ impl CommitQueue {
     pub fn shutdown(&self) -> Result<()> {
         self.stopping.store(true, Ordering::SeqCst);
         let _ = self.tx.send(Job::Shutdown);
-        if on_writer_thread() {
+        if self.is_current_writer() {
             // The writer stops by itself after the shutdown job; it cannot join itself.
             return Ok(());
         }
@@ -225,8 +248,8 @@ fn lock_writer(writer: &Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
 }
 
 /// The writer thread: batches whatever is queued into one transaction at a time.
-fn run(writer: &Mutex<Writer>, rx: mpsc::Receiver<Job>) -> Result<()> {
-    ON_WRITER.with(|on| on.set(true));
+fn run(id: u64, writer: &Mutex<Writer>, rx: mpsc::Receiver<Job>) -> Result<()> {
+    ON_WRITER.with(|on| on.set(id));
     let mut carry: Vec<Job> = Vec::new();
     let mut stopping = false;
     while !stopping {
@@ -342,8 +365,12 @@ impl Writer {
                  durable at close and are lost: {err}"
             ),
         };
+        let unsynced = self.unsynced_since.is_some();
         if self.broken {
-            self.recover().map_err(&lost)?;
+            // Nothing acknowledged is at risk without unsynced commits: closing is fine.
+            if let Err(err) = self.recover() {
+                return if unsynced { Err(lost(err)) } else { Ok(()) };
+            }
         }
         let leases: Vec<Job> = self
             .file
@@ -358,7 +385,6 @@ impl Writer {
                 })
             })
             .collect();
-        let unsynced = self.unsynced_since.is_some();
         if unsynced || !leases.is_empty() {
             if let Err(err) = self.write(&leases, true) {
                 return if unsynced { Err(lost(err)) } else { Ok(()) };

@@ -204,6 +204,14 @@ pub(crate) fn from_redb(path: &str, err: redb::Error) -> Error {
             holder: "another process".into(),
         },
         redb::Error::DatabaseClosed => Error::StoreClosed,
+        // redb's own wording ("close and re-open the database") is advice kvstore follows itself.
+        redb::Error::PreviousIo => Error::Io {
+            errno: None,
+            message: format!(
+                "'{path}': an earlier write to the file failed; the store reopens it before the \
+                 next commit (retry then)"
+            ),
+        },
         other => Error::Io {
             errno: None,
             message: other.to_string(),

@@ -147,6 +147,11 @@ pub(crate) fn begin_backup(file: &StoreFile, dest: &Path) -> Result<Backup> {
     if dest.as_os_str().is_empty() {
         return Err(Error::invalid("a backup needs a destination path"));
     }
+    if dest.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(Error::invalid(format!(
+            "a backup destination must not contain a NUL byte: {dest:?}"
+        )));
+    }
     if std::fs::symlink_metadata(dest).is_ok() {
         return Err(Error::invalid(format!(
             "backup destination '{}' already exists",
@@ -246,6 +251,12 @@ fn create_partial(dest: &Path) -> Result<(PathBuf, std::fs::File)> {
         .file_name()
         .ok_or_else(|| Error::invalid(format!("'{}' is not a file path", dest.display())))?
         .to_string_lossy();
+    // Room for the suffix within the usual 255-byte limit of a file name.
+    let mut cut = name.len().min(200);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let name = &name[..cut];
     loop {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -263,7 +274,15 @@ fn create_partial(dest: &Path) -> Result<(PathBuf, std::fs::File)> {
         {
             Ok(file) => return Ok((partial, file)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(Error::io_at(&partial, e)),
+            Err(e) => {
+                return Err(Error::Io {
+                    errno: e.raw_os_error(),
+                    message: format!(
+                        "cannot create the backup's working file beside '{}': {e}",
+                        dest.display()
+                    ),
+                })
+            }
         }
     }
 }
@@ -273,7 +292,9 @@ fn create_partial(dest: &Path) -> Result<(PathBuf, std::fs::File)> {
 fn publish(partial: &Path, dest: &Path) -> Result<()> {
     match std::fs::hard_link(partial, dest) {
         Ok(()) => {
-            std::fs::remove_file(partial).map_err(|e| Error::io_at(partial, e))?;
+            // Published: the working name is only a second link now, and failing to remove it
+            // does not make the backup fail.
+            let _ = std::fs::remove_file(partial);
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::invalid(format!(

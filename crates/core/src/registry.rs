@@ -8,7 +8,8 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
-use crate::error::Result;
+use crate::commit_queue::current_writer;
+use crate::error::{Error, Result};
 use crate::store::Shared;
 
 /// Identity of an existing file (device, inode), so two links to it find one core.
@@ -35,6 +36,9 @@ enum Entry {
     Changing {
         id: Option<FileId>,
         done: Arc<Transition>,
+        /// When closing: the file's writer, which runs callbacks until it stops and cannot
+        /// wait for its own close to finish.
+        closing_writer: u64,
     },
 }
 
@@ -107,6 +111,7 @@ pub(crate) fn open(path: &Path, open: impl FnOnce() -> Result<Shared>) -> Result
                 Entry::Changing {
                     id,
                     done: done.clone(),
+                    closing_writer: 0,
                 },
             );
             drop(table);
@@ -155,6 +160,16 @@ pub(crate) fn open(path: &Path, open: impl FnOnce() -> Result<Shared>) -> Result
                     opened: false,
                 });
             }
+            Entry::Changing { closing_writer, .. }
+                if *closing_writer != 0 && *closing_writer == current_writer() =>
+            {
+                return Err(Error::DatabaseLocked {
+                    path: path.display().to_string(),
+                    holder: "this process, which is closing it: it cannot be opened again from \
+                             inside one of its own callbacks"
+                        .into(),
+                });
+            }
             Entry::Changing { done, .. } => {
                 let done = done.clone();
                 drop(table);
@@ -186,6 +201,7 @@ pub(crate) fn close(key: &Path, shared: &Arc<Shared>, close_file: impl FnOnce())
                     Entry::Changing {
                         id,
                         done: done.clone(),
+                        closing_writer: shared.queue_id(),
                     },
                 );
                 done

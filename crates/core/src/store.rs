@@ -283,6 +283,11 @@ fn normalize(path: &Path) -> Result<PathBuf> {
     if path.as_os_str().is_empty() {
         return Err(Error::invalid("a store path must not be empty"));
     }
+    if path.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(Error::invalid(format!(
+            "a store path must not contain a NUL byte: {path:?}"
+        )));
+    }
     let absolute = std::path::absolute(path).map_err(|e| Error::io_at(path, e))?;
     if let Ok(real) = absolute.canonicalize() {
         return Ok(real);
@@ -386,6 +391,11 @@ impl StoreFile {
     /// Opens the file again, as it was first opened, and writes again what non-durable
     /// transactions had acknowledged before the old instance was dropped.
     fn reopen(&self) -> Result<Arc<redb::Database>> {
+        // A writer still finishing after the last close (closed from inside its own callback)
+        // must not open the file again.
+        if self.released.load(Ordering::SeqCst) {
+            return Err(Error::StoreClosed);
+        }
         let (db, _) = open_redb(
             &self.location,
             &self.path,
@@ -441,13 +451,21 @@ impl StoreFile {
         for table in tables {
             table.cache.refuse_snapshots();
         }
-        crate::error::guard_damage(&self.path, || {
+        let compacted = crate::error::guard_damage(&self.path, || {
             if slot.is_none() {
                 // A failed reopen left it empty: try again, as any reader would.
                 *slot = Some(self.reopen()?);
             }
             crate::maintenance::compact(self, &mut slot)
-        })
+        });
+        if let Err(err) = &compacted {
+            if matches!(err.code(), ErrorCode::Io | ErrorCode::DatabaseCorrupt) {
+                // redb refuses all I/O after a failed write: the writer reopens the file
+                // before its next batch.
+                self.read_failed.store(true, Ordering::SeqCst);
+            }
+        }
+        compacted
     }
 
     /// Drops every table's kept read snapshot (after each transaction; see the cache).
@@ -619,10 +637,15 @@ impl Shared {
         }
     }
 
+    /// Names this file's writer (see [`crate::commit_queue::current_writer`]).
+    pub(crate) fn queue_id(&self) -> u64 {
+        self.queue.id()
+    }
+
     /// Returns once every job submitted before has been settled (at once on the writer itself,
     /// where waiting would never end).
     fn barrier(&self) {
-        if crate::commit_queue::on_writer_thread() {
+        if self.queue.is_current_writer() {
             return;
         }
         let (tx, rx) = mpsc::channel();
@@ -818,7 +841,7 @@ impl Database {
 
     /// Blocking [`Database::compact_with`].
     pub fn compact(&self) -> Result<bool> {
-        refuse_on_writer("compact")?;
+        refuse_on_writer(&self.handle.shared.queue, "compact")?;
         let (tx, rx) = mpsc::channel();
         self.compact_with(Box::new(move |r| {
             let _ = tx.send(r);
@@ -1123,7 +1146,7 @@ impl MapStore {
             Err(Error::StoreClosed) if !shared.file.released.load(Ordering::SeqCst) => read(),
             // redb refuses all I/O after an I/O error until the file is reopened: wait for the
             // writer to reopen it and try once more, so a passing fault fails one read only.
-            Err(err @ Error::Io { .. }) if !crate::commit_queue::on_writer_thread() => {
+            Err(err @ Error::Io { .. }) if !shared.queue.is_current_writer() => {
                 shared.read_error(&err);
                 shared.barrier();
                 read().map_err(|_| err)
@@ -1288,7 +1311,7 @@ impl MapStore {
         })? {
             Acquire::Granted(grant) => grant,
             Acquire::Queued => {
-                if let Err(err) = refuse_on_writer("lock a held key") {
+                if let Err(err) = refuse_on_writer(&self.shared().queue, "lock a held key") {
                     if self.cancel_wait(ticket, err.clone()) {
                         return Err(err);
                     }
@@ -1339,7 +1362,7 @@ impl MapStore {
         })? {
             NextKey::Ready(key) => Ok(key),
             NextKey::Pending => {
-                refuse_on_writer("wait for an auto key")?;
+                refuse_on_writer(&self.shared().queue, "wait for an auto key")?;
                 rx.recv().map_err(|_| Error::StoreClosed)?
             }
         }
@@ -1366,8 +1389,8 @@ impl MapStore {
 
 /// The blocking calls wait for the writer; inside a commit or grant callback (which the writer
 /// runs, or a thread writing a batch inline) they would wait forever, so they are refused.
-fn refuse_on_writer(what: &str) -> Result<()> {
-    if crate::commit_queue::on_writer_thread() {
+fn refuse_on_writer(queue: &CommitQueue, what: &str) -> Result<()> {
+    if queue.is_current_writer() {
         return Err(Error::invalid(format!(
             "cannot {what} and wait inside a commit or grant callback: it runs on the writer, \
              which the wait needs; use the callback-taking calls or another thread"
@@ -1408,7 +1431,7 @@ impl EntryGuard {
     }
 
     fn write(&mut self, change: Change, options: CommitOptions) -> Result<()> {
-        refuse_on_writer("commit")?;
+        refuse_on_writer(&self.store.shared().queue, "commit")?;
         let (tx, rx) = mpsc::channel();
         let written = match &change {
             Change::Put(record) => Some(record.clone()),

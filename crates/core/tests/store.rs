@@ -648,3 +648,68 @@ fn auto_keys_are_generated_in_one_format_per_table() {
         "the rest of the lease was given back at close"
     );
 }
+
+#[test]
+fn a_callback_of_one_file_may_wait_for_another_files_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_a, map_a) = open(&dir);
+    let db_b = Database::open(dir.path().join("b.redb"), DatabaseOptions::default()).unwrap();
+    let map_b = db_b.map_store("jobs", MapOptions::default()).unwrap();
+    let lock = map_a.lock("k", LockMode::New, None).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    map_a
+        .commit(
+            "k",
+            lock.token(),
+            kvstore_core::Change::Put(envelope::encode(&[], b"a").into()),
+            kvstore_core::CommitOptions::default(),
+            Box::new(move |outcome| {
+                outcome.unwrap();
+                // Runs on file A's writer: waiting for file B's writer is fine.
+                let key = map_b.next_key_blocking();
+                let commit = key.as_ref().map_err(Clone::clone).and_then(|key| {
+                    map_b
+                        .lock(key, LockMode::New, None)?
+                        .commit(envelope::encode(&[], b"b"))
+                });
+                tx.send((key, commit)).unwrap();
+            }),
+        )
+        .unwrap();
+    let (key, commit) = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the callback returned");
+    drop(lock);
+    assert_eq!(key.unwrap(), "0000000000000");
+    commit.unwrap();
+}
+
+#[test]
+fn odd_paths_are_invalid_arguments_and_backup_errors_name_the_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let nul = dir.path().join("a\0b.redb");
+    assert_eq!(
+        Database::open(&nul, DatabaseOptions::default())
+            .err()
+            .unwrap()
+            .code(),
+        kvstore_core::ErrorCode::InvalidArgument
+    );
+    let (db, map) = open(&dir);
+    put(&map, "k", b"v");
+    assert_eq!(
+        db.backup(&nul).unwrap_err().code(),
+        kvstore_core::ErrorCode::InvalidArgument
+    );
+    // A legal 250-byte name: the working file's longer name must still fit.
+    let long = dir.path().join(format!("{}.redb", "n".repeat(245)));
+    db.backup(&long).unwrap();
+    assert!(long.exists());
+    let missing = dir.path().join("missing").join("copy.redb");
+    let err = db.backup(&missing).unwrap_err();
+    assert_eq!(err.code(), kvstore_core::ErrorCode::Io);
+    assert!(
+        err.to_string().contains(&*missing.to_string_lossy()),
+        "{err}"
+    );
+}
