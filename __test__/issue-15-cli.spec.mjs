@@ -258,3 +258,16 @@ test('load takes a header after a byte order mark, and loads nothing when the fi
   t.regex(refused.stderr, /line 1: not JSON; nothing was loaded/)
   t.false(existsSync(garbled), 'no store was created')
 })
+
+test('15.11 usage errors exit 2: an unknown option, a --limit that is not a number, a --limit without a value', async (t) => {
+  const path = join(tempDir(t), 'usage.redb')
+  const store = await kv.MapStore.open(path)
+  await put(store, 'k', 1)
+  await store.close()
+  for (const args of [['ls', path, '--frob'], ['ls', path, '--limit', 'abc'], ['ls', path, '--limit']]) {
+    const r = await kvstore(args)
+    t.is(r.code, 2, `${args.join(' ')}: ${r.stderr}`)
+    t.regex(r.stderr, /^kvstore: /, args.join(' '))
+    t.is(r.stderr.trim().split('\n').length, 1, 'one line')
+  }
+})

@@ -342,18 +342,27 @@ function parseRecord(text: string, parsed: unknown, codec: string, encoder: Code
   }
 }
 
+/** The options and positionals; an unknown option or a missing value is a usage error (exit 2). */
+function parseArguments(argv: string[]) {
+  try {
+    return parseArgs({
+      args: argv,
+      allowPositionals: true,
+      options: {
+        table: { type: 'string' },
+        prefix: { type: 'string' },
+        limit: { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    })
+  } catch (err) {
+    throw new UsageError(err instanceof Error ? err.message : String(err))
+  }
+}
+
 async function main(argv: string[], out: Output): Promise<void> {
   checkArgumentBytes(argv.length)
-  const { values, positionals } = parseArgs({
-    args: argv,
-    allowPositionals: true,
-    options: {
-      table: { type: 'string' },
-      prefix: { type: 'string' },
-      limit: { type: 'string' },
-      help: { type: 'boolean', short: 'h' },
-    },
-  })
+  const { values, positionals } = parseArguments(argv)
   const [command, file, ...rest] = positionals
   if (command === undefined || !(command in HELP)) {
     if (values.help || command === undefined) {
@@ -385,6 +394,9 @@ async function main(argv: string[], out: Output): Promise<void> {
         break
       case 'ls': {
         const limit = values.limit === undefined ? undefined : Number(values.limit)
+        if (limit !== undefined && !(Number.isSafeInteger(limit) && limit >= 0)) {
+          throw new UsageError(`--limit must be a whole number ≥ 0, got '${values.limit}'`)
+        }
         for (const { key } of openTable(db, table).getEntries({ prefix: values.prefix, limit, keysOnly: true })) {
           if (!(await out.line(key))) break
         }
