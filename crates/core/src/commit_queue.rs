@@ -374,7 +374,7 @@ impl Writer {
         }
         let leases: Vec<Job> = self
             .file
-            .all_tables()
+            .tables()
             .into_iter()
             .filter_map(|table| {
                 let until = table.sequence().give_back()?;

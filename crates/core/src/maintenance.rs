@@ -88,10 +88,7 @@ impl BackupTicket {
 
     /// Fails once the backup has been ended by a close or a recovery.
     fn check(&self) -> Result<()> {
-        if self.gate.epoch.load(Ordering::SeqCst) == self.epoch {
-            return Ok(());
-        }
-        Err(self.ended(&self.gate.state()).unwrap_or(Error::StoreClosed))
+        self.ended(&self.gate.state()).map_or(Ok(()), Err)
     }
 
     /// Starts the copy: the instance, held until the returned guard drops.
@@ -144,14 +141,7 @@ pub struct Backup {
 /// Takes the snapshot a backup will copy. Writers are not held up (MVCC).
 pub(crate) fn begin_backup(file: &StoreFile, dest: &Path) -> Result<Backup> {
     let source = file.path().to_string();
-    if dest.as_os_str().is_empty() {
-        return Err(Error::invalid("a backup needs a destination path"));
-    }
-    if dest.as_os_str().as_encoded_bytes().contains(&0) {
-        return Err(Error::invalid(format!(
-            "a backup destination must not contain a NUL byte: {dest:?}"
-        )));
-    }
+    crate::store::check_path(dest, "a backup destination")?;
     if std::fs::symlink_metadata(dest).is_ok() {
         return Err(Error::invalid(format!(
             "backup destination '{}' already exists",

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
 use std::ops::Bound;
@@ -254,7 +254,7 @@ pub(crate) struct StoreFile {
     /// Backups running on this file (they hold the instance).
     backups: Arc<BackupGate>,
     /// Walks (`getEntries`) holding a snapshot of this file.
-    walks: Arc<AtomicUsize>,
+    walks: AtomicUsize,
     /// Acknowledged non-durable changes, written again after a reopen (see [`UnsyncedChanges`]).
     unsynced: Mutex<UnsyncedChanges>,
 }
@@ -280,14 +280,7 @@ static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
 /// The same file reached by another spelling of its path, or through a symlink, must map to
 /// the same core (a hard link is matched by the registry, by inode).
 fn normalize(path: &Path) -> Result<PathBuf> {
-    if path.as_os_str().is_empty() {
-        return Err(Error::invalid("a store path must not be empty"));
-    }
-    if path.as_os_str().as_encoded_bytes().contains(&0) {
-        return Err(Error::invalid(format!(
-            "a store path must not contain a NUL byte: {path:?}"
-        )));
-    }
+    check_path(path, "a store path")?;
     let absolute = std::path::absolute(path).map_err(|e| Error::io_at(path, e))?;
     if let Ok(real) = absolute.canonicalize() {
         return Ok(real);
@@ -298,6 +291,19 @@ fn normalize(path: &Path) -> Result<PathBuf> {
     let parent = absolute.parent().unwrap_or(Path::new("/"));
     let parent = parent.canonicalize().map_err(|e| Error::io_at(parent, e))?;
     Ok(parent.join(name))
+}
+
+/// Refuses a path no file can have: empty, or with a NUL byte. `what` names it in the message.
+pub(crate) fn check_path(path: &Path, what: &str) -> Result<()> {
+    if path.as_os_str().is_empty() {
+        return Err(Error::invalid(format!("{what} must not be empty")));
+    }
+    if path.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(Error::invalid(format!(
+            "{what} must not contain a NUL byte: {path:?}"
+        )));
+    }
+    Ok(())
 }
 
 fn open_error(path: &str, err: redb::DatabaseError) -> Error {
@@ -420,12 +426,7 @@ impl StoreFile {
     /// instance). If the reopen fails (the fault is still there), the slot stays empty and the
     /// next caller tries again.
     pub(crate) fn recover(&self) -> Result<()> {
-        // `tables` before `db`: table() takes them in that order.
-        let tables = self.tables();
-        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
-        for table in tables {
-            table.cache.clear();
-        }
+        let mut slot = self.lock_slot(EntryCache::clear);
         self.backups.end_all(Error::Io {
             errno: None,
             message: format!(
@@ -438,6 +439,21 @@ impl StoreFile {
         Ok(())
     }
 
+    /// Locks the instance slot for a change of instance (recovery, compaction, close), after
+    /// `each` has let go of every table's snapshot. `tables` before `db`: table() takes them in
+    /// that order.
+    fn lock_slot(
+        &self,
+        each: impl Fn(&EntryCache<Snapshot>),
+    ) -> RwLockWriteGuard<'_, Option<Arc<redb::Database>>> {
+        let tables = self.tables();
+        let slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        for table in tables {
+            each(&table.cache);
+        }
+        slot
+    }
+
     /// True once after a read failed with an I/O error (see `read_failed`).
     pub(crate) fn take_read_failure(&self) -> bool {
         self.read_failed.swap(false, Ordering::SeqCst)
@@ -445,12 +461,7 @@ impl StoreFile {
 
     /// Compacts the file; see [`crate::maintenance`]. Call on the writer, between batches.
     pub(crate) fn compact(&self) -> Result<bool> {
-        // `tables` before `db`: table() takes them in that order.
-        let tables = self.tables();
-        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
-        for table in tables {
-            table.cache.refuse_snapshots();
-        }
+        let mut slot = self.lock_slot(EntryCache::refuse_snapshots);
         let compacted = crate::error::guard_damage(&self.path, || {
             if slot.is_none() {
                 // A failed reopen left it empty: try again, as any reader would.
@@ -503,11 +514,7 @@ impl StoreFile {
     /// Closes the file for good (last handle gone): running backups end first.
     fn release(&self) {
         self.released.store(true, Ordering::SeqCst);
-        let tables = self.tables();
-        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
-        for table in tables {
-            table.cache.refuse_snapshots();
-        }
+        let mut slot = self.lock_slot(EntryCache::refuse_snapshots);
         self.backups.end_all(Error::StoreClosed);
         drop(slot.take());
     }
@@ -585,11 +592,7 @@ impl StoreFile {
         Ok(table)
     }
 
-    pub(crate) fn all_tables(&self) -> Vec<Arc<TableState>> {
-        self.tables()
-    }
-
-    fn tables(&self) -> Vec<Arc<TableState>> {
+    pub(crate) fn tables(&self) -> Vec<Arc<TableState>> {
         let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         tables.values().cloned().collect()
     }
@@ -616,7 +619,7 @@ impl Shared {
             tables: Mutex::new(HashMap::new()),
             read_failed: AtomicBool::new(false),
             backups: Arc::default(),
-            walks: Arc::default(),
+            walks: AtomicUsize::new(0),
             unsynced: Mutex::default(),
         });
         let queue = CommitQueue::start(file.clone(), options.sync_interval)?;
@@ -903,27 +906,25 @@ pub fn check_integrity(path: impl AsRef<Path>) -> Result<bool> {
     db.check_integrity().map_err(|e| open_error(&shown, e))
 }
 
-/// One walk's place in its file's count of open walks, given back on drop.
-struct OpenWalk(Arc<AtomicUsize>);
-
-impl OpenWalk {
-    fn new(walks: &Arc<AtomicUsize>) -> Self {
-        walks.fetch_add(1, Ordering::SeqCst);
-        OpenWalk(walks.clone())
-    }
-}
-
-impl Drop for OpenWalk {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// What a walk knows of its store: the handle it was taken through. The walk counts as open
 /// for compaction until the range (and this) is dropped.
 struct WalkOf {
     handle: Arc<Handle>,
-    _open: OpenWalk,
+}
+
+impl WalkOf {
+    fn new(handle: &Arc<Handle>) -> Self {
+        handle.shared.walks.fetch_add(1, Ordering::SeqCst);
+        WalkOf {
+            handle: handle.clone(),
+        }
+    }
+}
+
+impl Drop for WalkOf {
+    fn drop(&mut self) {
+        self.handle.shared.walks.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl crate::range::WalkSource for WalkOf {
@@ -1208,10 +1209,7 @@ impl MapStore {
         self.check_open()?;
         let table = self.read_table()?;
         let path = &self.shared().path;
-        let source = Arc::new(WalkOf {
-            handle: self.handle.clone(),
-            _open: OpenWalk::new(&self.shared().walks),
-        });
+        let source = Arc::new(WalkOf::new(&self.handle));
         crate::error::guard_damage(path, || EntryRange::new(table, options, path, source))
             .map_err(|e| self.read_error(e))
     }
