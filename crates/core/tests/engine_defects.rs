@@ -2,8 +2,8 @@
 //! one defect, fails on the core before the fix and passes after it. Every wait is on an event
 //! (a channel, a join); a timeout only guards against a hang and never bounds a duration.
 
-use std::fs::OpenOptions;
-use std::ops::Bound;
+mod common;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -12,54 +12,18 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
+use common::{flip_bytes, open_file, put, quiet_redb_panics, Fault, EIO, ENOSPC};
 use kvstore_core::{
     check_integrity, envelope, Acquire, Backend, Change, CommitOptions, Database, DatabaseOptions,
     Error, ErrorCode, KeyFormat, LockMode, MapOptions, MapStore, RangeOptions,
 };
 use redb::backends::FileBackend;
-use redb::{BackendError, StorageBackend};
+use redb::StorageBackend;
 
-const EIO: i32 = 5;
-const ENOSPC: i32 = 28;
 /// Only guards against a hang (a test that fails on the old core by never finishing).
 const HANG_GUARD: Duration = Duration::from_secs(60);
 
-// ---- fault injection (after tests/faults.rs) ----
-
-/// One kind of call that can be made to fail: after `after` more successful calls, every
-/// call fails with `errno` until cleared (errno 0).
-#[derive(Debug, Default)]
-struct Fault {
-    errno: AtomicI32,
-    after: AtomicU64,
-}
-
-impl Fault {
-    fn set(&self, errno: i32) {
-        self.after.store(0, Ordering::SeqCst);
-        self.errno.store(errno, Ordering::SeqCst);
-    }
-
-    fn clear(&self) {
-        self.errno.store(0, Ordering::SeqCst);
-    }
-
-    fn check(&self) -> std::io::Result<()> {
-        let errno = self.errno.load(Ordering::SeqCst);
-        if errno == 0 {
-            return Ok(());
-        }
-        let passed = self
-            .after
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if passed {
-            Ok(())
-        } else {
-            Err(std::io::Error::from_raw_os_error(errno))
-        }
-    }
-}
+// ---- fault injection (the faults of tests/common, plus counts, events and a gate) ----
 
 /// Holds the reads of one thread: the `nth` read (0 = the next) of that thread blocks until
 /// released, after saying so.
@@ -201,28 +165,7 @@ impl StorageBackend for Probed {
         }
         self.file.close()
     }
-    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.file.try_lock_range(start, end)
-    }
-    fn try_lock_shared_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> Result<bool, BackendError> {
-        self.file.try_lock_shared_range(start, end)
-    }
-    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.file.lock_range(start, end)
-    }
-    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.file.lock_shared_range(start, end)
-    }
-    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.file.unlock_range(start, end)
-    }
-    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.file.query_lock_range(start, end)
-    }
+    forward_file_lock!(file);
 }
 
 fn probed(probe: &Arc<Probe>) -> Backend {
@@ -230,12 +173,7 @@ fn probed(probe: &Arc<Probe>) -> Backend {
     Backend(Arc::new(move |path: &Path| {
         probe.opens.fetch_add(1, Ordering::SeqCst);
         notify(&probe.opened, Instant::now());
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file = open_file(path)?;
         let locked = if probe.lock_at_open.load(Ordering::SeqCst) {
             let locked = file.try_clone()?;
             locked.try_lock().map_err(|e| match e {
@@ -270,11 +208,6 @@ fn fast_dir() -> tempfile::TempDir {
         }
     }
     tempfile::tempdir().unwrap()
-}
-
-fn put(map: &MapStore, key: &str, value: &[u8]) -> kvstore_core::Result<()> {
-    map.lock(key, LockMode::Any, None)?
-        .commit(envelope::encode(&[], value))
 }
 
 /// As [`put`], but through the writer's queue (the blocking API writes inline when it can).
@@ -576,9 +509,10 @@ fn issue14_6_a_key_lease_is_durable_before_its_numbers_are_used_under_durability
 
 // ---- item 7 ----
 
-/// A store with `n` entries, closed cleanly; returns its path.
-fn written_store(dir: &Path, n: usize) -> PathBuf {
-    let path = dir.join("damaged.redb");
+/// A store `name` of `n` entries of 100 bytes, written in one transaction and closed cleanly;
+/// returns its path.
+fn written_store(dir: &Path, name: &str, n: usize) -> PathBuf {
+    let path = dir.join(name);
     let db = Database::open(&path, DatabaseOptions::default()).unwrap();
     let map = db.map_store("m", MapOptions::default()).unwrap();
     put_many(&db, &map, n, 100);
@@ -586,36 +520,15 @@ fn written_store(dir: &Path, n: usize) -> PathBuf {
     path
 }
 
-/// redb panics on some damaged pages: those panics (from its own source files) are silenced so
-/// the output stays readable. Others still print.
-fn quiet_redb_panics() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let from_redb = info
-            .location()
-            .is_some_and(|at| at.file().contains("/redb-"));
-        if !from_redb {
-            default(info);
-        }
-    }));
-}
-
 /// Writes 150 damaged copies (8 seeded byte flips each) of a store of `n` entries over `path`
 /// in turn, and hands each that opens to `visit`. Returns how many opened.
 fn for_each_damaged_file(dir: &Path, n: usize, mut visit: impl FnMut(usize, Database)) -> usize {
-    let path = written_store(dir, n);
+    let path = written_store(dir, "damaged.redb", n);
     let good = std::fs::read(&path).unwrap();
     let mut seed = 7u64;
     let mut opened = 0;
     for round in 0..150 {
-        let mut bytes = good.clone();
-        for _ in 0..8 {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let at = (seed >> 33) as usize % bytes.len();
-            bytes[at] ^= 0xff;
-        }
+        let bytes = flip_bytes(&good, &mut seed);
         std::fs::write(&path, &bytes).unwrap();
         let opening = catch_unwind(|| Database::open(&path, DatabaseOptions::default()));
         let Ok(Ok(db)) = opening else {
@@ -887,13 +800,7 @@ fn issue14_10_a_slow_open_does_not_hold_up_other_files() {
     let slow = Backend(Arc::new(move |path: &Path| {
         entered_tx.lock().unwrap().send(()).unwrap();
         let _ = release_rx.lock().unwrap().recv_timeout(HANG_GUARD);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        let file = FileBackend::new(file).map_err(std::io::Error::other)?;
+        let file = FileBackend::new(open_file(path)?).map_err(std::io::Error::other)?;
         Ok(Box::new(file) as Box<dyn StorageBackend>)
     }));
     let opening = std::thread::spawn(move || {
@@ -976,21 +883,35 @@ fn issue14_11_opening_a_file_while_its_last_handle_closes_is_never_locked_out() 
 
 // ---- item 12 ----
 
-/// A store of `n` entries of 100 bytes, written and closed; returns its path.
-fn large_store(dir: &Path, n: usize) -> PathBuf {
-    let path = dir.join("large.redb");
-    let db = Database::open(&path, DatabaseOptions::default()).unwrap();
-    let map = db.map_store("m", MapOptions::default()).unwrap();
-    put_many(&db, &map, n, 100);
-    db.close();
-    path
+/// Runs `backup` on a thread of its own, held in its 8th read of the file (within its first
+/// chunk of 10 000 entries) until the returned sender sends.
+fn run_held(
+    backup: kvstore_core::Backup,
+    probe: &Arc<Probe>,
+) -> (
+    std::thread::JoinHandle<kvstore_core::Result<()>>,
+    Sender<()>,
+) {
+    let (gate_tx, gate_rx) = mpsc::channel();
+    let copying = {
+        let probe = probe.clone();
+        std::thread::spawn(move || {
+            gate_tx.send(probe.gate.arm(8)).unwrap();
+            backup.run()
+        })
+    };
+    let (blocked, release) = gate_rx.recv().unwrap();
+    blocked
+        .recv_timeout(HANG_GUARD)
+        .expect("the copy reads the file");
+    (copying, release)
 }
 
 /// Whether a backup that is copying when the store closes is ended by the close. Returns None
 /// when the copy finished before the close reached it (the race this test cannot rule out).
 fn backup_running_at_close(attempt: usize) -> Option<kvstore_core::Result<()>> {
     let dir = tempfile::tempdir().unwrap();
-    let path = large_store(dir.path(), 30_000);
+    let path = written_store(dir.path(), "large.redb", 30_000);
     let probe = Arc::new(Probe::default());
     probe.lock_at_open.store(true, Ordering::SeqCst);
     let options = || non_durable(Some(probed(&probe)));
@@ -1000,19 +921,7 @@ fn backup_running_at_close(attempt: usize) -> Option<kvstore_core::Result<()>> {
     put(&map, "unsynced", b"v").unwrap();
     let dest = dir.path().join("copy.redb");
     let backup = db.begin_backup(&dest).unwrap();
-    let (gate_tx, gate_rx) = mpsc::channel();
-    let copying = {
-        let probe = probe.clone();
-        std::thread::spawn(move || {
-            // The 8th read of the copy (within its first chunk of 10 000 entries) waits.
-            gate_tx.send(probe.gate.arm(8)).unwrap();
-            backup.run()
-        })
-    };
-    let (blocked, release) = gate_rx.recv().unwrap();
-    blocked
-        .recv_timeout(HANG_GUARD)
-        .expect("the copy reads the file");
+    let (copying, release) = run_held(backup, &probe);
     let synced = listen(&probe.synced);
     let closing = {
         let db = db.clone();
@@ -1071,7 +980,7 @@ fn commits_and_reads_work(map: &MapStore, tag: &str) -> kvstore_core::Result<()>
 #[test]
 fn issue14_12_a_recovery_during_a_backup_ends_it_and_the_store_works_on() {
     let dir = tempfile::tempdir().unwrap();
-    let path = large_store(dir.path(), 30_000);
+    let path = written_store(dir.path(), "large.redb", 30_000);
     let probe = Arc::new(Probe::default());
     probe.lock_at_open.store(true, Ordering::SeqCst);
     let db = Database::open(
@@ -1085,18 +994,7 @@ fn issue14_12_a_recovery_during_a_backup_ends_it_and_the_store_works_on() {
     let map = db.map_store("m", uncached()).unwrap();
     let dest = dir.path().join("copy.redb");
     let backup = db.begin_backup(&dest).unwrap();
-    let (gate_tx, gate_rx) = mpsc::channel();
-    let copying = {
-        let probe = probe.clone();
-        std::thread::spawn(move || {
-            gate_tx.send(probe.gate.arm(8)).unwrap();
-            backup.run()
-        })
-    };
-    let (blocked, release) = gate_rx.recv().unwrap();
-    blocked
-        .recv_timeout(HANG_GUARD)
-        .expect("the copy reads the file");
+    let (copying, release) = run_held(backup, &probe);
     // One read of another thread fails: the store reopens the file.
     let read_failed = listen(&probe.read_failed);
     probe.read_once.store(EIO, Ordering::SeqCst);

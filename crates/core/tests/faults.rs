@@ -4,146 +4,15 @@
 //! While the fault lasts, reads that need the file fail too (redb refuses all I/O after an I/O
 //! error until the file is reopened, and reopening needs the disk).
 
-use std::fs::OpenOptions;
+mod common;
+
 use std::path::Path;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use common::{flip_bytes, open_faulty, put, quiet_redb_panics, written_store, Faults, EIO, ENOSPC};
 use kvstore_core::{
-    check_integrity, envelope, Backend, Database, DatabaseOptions, ErrorCode, LockMode, MapOptions,
-    MapStore, RangeOptions,
+    check_integrity, Database, DatabaseOptions, ErrorCode, LockMode, MapOptions, RangeOptions,
 };
-use std::ops::Bound;
-
-use redb::backends::FileBackend;
-use redb::{BackendError, StorageBackend};
-
-const EIO: i32 = 5;
-const ENOSPC: i32 = 28;
-
-/// One kind of call that can be made to fail: after `after` more successful calls, every
-/// call fails with `errno` until cleared (errno 0).
-#[derive(Debug, Default)]
-struct Fault {
-    errno: AtomicI32,
-    after: AtomicU64,
-}
-
-impl Fault {
-    /// Fails from the next call on.
-    fn set(&self, errno: i32) {
-        self.fail_after(0, errno);
-    }
-
-    /// Lets `calls` more calls through, then fails every call.
-    fn fail_after(&self, calls: u64, errno: i32) {
-        self.after.store(calls, Ordering::SeqCst);
-        self.errno.store(errno, Ordering::SeqCst);
-    }
-
-    fn clear(&self) {
-        self.errno.store(0, Ordering::SeqCst);
-    }
-
-    fn check(&self) -> std::io::Result<()> {
-        let errno = self.errno.load(Ordering::SeqCst);
-        if errno == 0 {
-            return Ok(());
-        }
-        let passed = self
-            .after
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if passed {
-            Ok(())
-        } else {
-            Err(std::io::Error::from_raw_os_error(errno))
-        }
-    }
-}
-
-/// The calls of a [`Faulty`] backend that can fail.
-#[derive(Debug, Default)]
-struct Faults {
-    read: Fault,
-    write: Fault,
-    sync: Fault,
-}
-
-#[derive(Debug)]
-struct Faulty {
-    file: FileBackend,
-    faults: Arc<Faults>,
-}
-
-impl StorageBackend for Faulty {
-    fn len(&self) -> std::io::Result<u64> {
-        self.file.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        self.faults.read.check()?;
-        self.file.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.faults.write.check()?;
-        self.file.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.faults.sync.check()?;
-        self.file.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.faults.write.check()?;
-        self.file.write(offset, data)
-    }
-    fn close(&self) -> std::io::Result<()> {
-        self.file.close()
-    }
-    // The file lock too, so these tests see what a second open of a held file does.
-    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.file.try_lock_range(start, end)
-    }
-    fn try_lock_shared_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> Result<bool, BackendError> {
-        self.file.try_lock_shared_range(start, end)
-    }
-    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.file.lock_range(start, end)
-    }
-    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.file.lock_shared_range(start, end)
-    }
-    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.file.unlock_range(start, end)
-    }
-    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.file.query_lock_range(start, end)
-    }
-}
-
-fn faulty(faults: Arc<Faults>) -> Backend {
-    Backend(Arc::new(move |path: &Path| {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        let file = FileBackend::new(file).map_err(std::io::Error::other)?;
-        Ok(Box::new(Faulty {
-            file,
-            faults: faults.clone(),
-        }) as Box<dyn StorageBackend>)
-    }))
-}
-
-fn put(map: &MapStore, key: &str, value: &[u8]) -> kvstore_core::Result<()> {
-    map.lock(key, LockMode::Any, None)?
-        .commit(envelope::encode(&[], value))
-}
 
 fn io_errno(result: kvstore_core::Result<()>) -> Option<i32> {
     match result {
@@ -157,14 +26,7 @@ fn failed_syncs_and_writes_reject_their_commits_and_the_store_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("faults.redb");
     let faults = Arc::new(Faults::default());
-    let db = Database::open(
-        &path,
-        DatabaseOptions {
-            backend: Some(faulty(faults.clone())),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let db = open_faulty(&path, &faults);
     let map = db.map_store("m", MapOptions::default()).unwrap();
     for i in 0..10 {
         put(&map, &format!("before-{i}"), b"ok").unwrap();
@@ -246,18 +108,6 @@ fn failed_syncs_and_writes_reject_their_commits_and_the_store_recovers() {
     );
 }
 
-/// A store with `n` entries, closed cleanly; returns its path.
-fn written_store(dir: &Path, n: usize) -> std::path::PathBuf {
-    let path = dir.join("damaged.redb");
-    let db = Database::open(&path, DatabaseOptions::default()).unwrap();
-    let map = db.map_store("m", MapOptions::default()).unwrap();
-    for i in 0..n {
-        put(&map, &format!("key-{i:05}"), &[i as u8; 100]).unwrap();
-    }
-    db.close();
-    path
-}
-
 /// Opens a damaged file and reads everything: each step either works or fails with a typed
 /// error; nothing panics. Returns the error codes met.
 fn read_all(path: &Path, n: usize) -> Vec<ErrorCode> {
@@ -301,17 +151,6 @@ fn read_all(path: &Path, n: usize) -> Vec<ErrorCode> {
     }
     db.close();
     met
-}
-
-fn open_faulty(path: &Path, faults: &Arc<Faults>) -> Database {
-    Database::open(
-        path,
-        DatabaseOptions {
-            backend: Some(faulty(faults.clone())),
-            ..Default::default()
-        },
-    )
-    .unwrap()
 }
 
 /// The Nth write or fsync of a commit fails, for every N a commit reaches: the commit is
@@ -389,7 +228,7 @@ fn each_write_and_each_fsync_of_a_commit_can_fail() {
 fn a_failed_read_reports_its_errno_and_the_store_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let n = 2000;
-    let path = written_store(dir.path(), n);
+    let path = written_store(dir.path(), "damaged.redb", n);
     let faults = Arc::new(Faults::default());
     let db = open_faulty(&path, &faults);
     let uncached = MapOptions {
@@ -419,20 +258,6 @@ fn a_failed_read_reports_its_errno_and_the_store_recovers() {
     assert!(check_integrity(&path).unwrap());
 }
 
-/// redb panics on some damaged pages: the panics come from its own source files, and are
-/// silenced here so the test output stays readable. Others still print.
-fn quiet_redb_panics() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let from_redb = info
-            .location()
-            .is_some_and(|at| at.file().contains("/redb-"));
-        if !from_redb {
-            default(info);
-        }
-    }));
-}
-
 /// A torn (truncated) file reports ERR_DATABASE_CORRUPT on open. A file with flipped bytes
 /// either opens, and then every read and write returns data or a typed error, or is refused
 /// as corrupt: never a panic into the caller.
@@ -441,7 +266,7 @@ fn a_torn_or_damaged_file_reports_corruption_and_never_panics() {
     quiet_redb_panics();
     let dir = tempfile::tempdir().unwrap();
     let n = 2000;
-    let path = written_store(dir.path(), n);
+    let path = written_store(dir.path(), "damaged.redb", n);
     let good = std::fs::read(&path).unwrap();
     for cut in [1, 100, 511, 4096, good.len() / 2, good.len() - 1] {
         std::fs::write(&path, &good[..cut]).unwrap();
@@ -455,14 +280,7 @@ fn a_torn_or_damaged_file_reports_corruption_and_never_panics() {
     let mut seed = 7u64;
     let mut detected = 0;
     for _ in 0..150 {
-        let mut bytes = good.clone();
-        for _ in 0..8 {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let at = (seed >> 33) as usize % bytes.len();
-            bytes[at] ^= 0xff;
-        }
+        let bytes = flip_bytes(&good, &mut seed);
         std::fs::write(&path, &bytes).unwrap();
         let met = read_all(&path, n);
         for code in &met {

@@ -2,37 +2,15 @@
 //! their handle closed, an I/O error when a recovery discarded their snapshot while the store
 //! stays open, `DatabaseCorrupt` for a damaged key — never early without a word, never a panic.
 
-use std::fs::OpenOptions;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
+use common::{open_faulty, put, written_store, Faults, EIO};
 use kvstore_core::{
-    envelope, Backend, Database, DatabaseOptions, Error, ErrorCode, LockMode, MapOptions, MapStore,
-    RangeOptions,
+    Database, DatabaseOptions, Error, ErrorCode, MapOptions, MapStore, RangeOptions,
 };
-use redb::backends::FileBackend;
-use redb::StorageBackend;
-
-const EIO: i32 = 5;
-
-fn put(map: &MapStore, key: &str, value: &[u8]) {
-    map.lock(key, LockMode::Any, None)
-        .unwrap()
-        .commit(envelope::encode(&[], value))
-        .unwrap();
-}
-
-fn written_store(dir: &Path, n: usize) -> PathBuf {
-    let path = dir.join("walks.redb");
-    let db = Database::open(&path, DatabaseOptions::default()).unwrap();
-    let map = db.map_store("m", MapOptions::default()).unwrap();
-    for i in 0..n {
-        put(&map, &format!("key-{i:05}"), &[i as u8; 100]);
-    }
-    db.close();
-    path
-}
 
 /// Walks to the end; the keys seen and the error that ended the walk, if one did.
 fn walk(map: &MapStore, options: &RangeOptions) -> (Vec<String>, Option<Error>) {
@@ -49,7 +27,7 @@ fn walk(map: &MapStore, options: &RangeOptions) -> (Vec<String>, Option<Error>) 
 #[test]
 fn closing_the_handle_ends_its_walks_with_store_closed() {
     let dir = tempfile::tempdir().unwrap();
-    let path = written_store(dir.path(), 501);
+    let path = written_store(dir.path(), "walks.redb", 501);
     let a = Database::open(&path, DatabaseOptions::default()).unwrap();
     let b = Database::open(&path, DatabaseOptions::default()).unwrap();
     let map_a = a.map_store("m", MapOptions::default()).unwrap();
@@ -76,67 +54,13 @@ fn closing_the_handle_ends_its_walks_with_store_closed() {
     assert_eq!(ended.err().map(|e| e.code()), Some(ErrorCode::StoreClosed));
 }
 
-/// Fails every read while `errno` is set.
-#[derive(Debug)]
-struct FailingReads {
-    file: FileBackend,
-    errno: Arc<AtomicI32>,
-}
-
-impl StorageBackend for FailingReads {
-    fn len(&self) -> std::io::Result<u64> {
-        self.file.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        match self.errno.load(Ordering::SeqCst) {
-            0 => self.file.read(offset, out),
-            errno => Err(std::io::Error::from_raw_os_error(errno)),
-        }
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.file.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.file.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.file.write(offset, data)
-    }
-    fn close(&self) -> std::io::Result<()> {
-        self.file.close()
-    }
-}
-
-fn failing_reads(errno: Arc<AtomicI32>) -> Backend {
-    Backend(Arc::new(move |path: &Path| {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        let file = FileBackend::new(file).map_err(std::io::Error::other)?;
-        Ok(Box::new(FailingReads {
-            file,
-            errno: errno.clone(),
-        }) as Box<dyn StorageBackend>)
-    }))
-}
-
 #[test]
 fn a_walk_whose_snapshot_a_recovery_discarded_fails_with_an_io_error_not_store_closed() {
     let dir = tempfile::tempdir().unwrap();
     let n = 2000;
-    let path = written_store(dir.path(), n);
-    let errno = Arc::new(AtomicI32::new(0));
-    let db = Database::open(
-        &path,
-        DatabaseOptions {
-            backend: Some(failing_reads(errno.clone())),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let path = written_store(dir.path(), "walks.redb", n);
+    let faults = Arc::new(Faults::default());
+    let db = open_faulty(&path, &faults);
     let map = db
         .map_store(
             "m",
@@ -152,13 +76,13 @@ fn a_walk_whose_snapshot_a_recovery_discarded_fails_with_an_io_error_not_store_c
     }
 
     // A passing read fault: the read fails, the writer reopens the file once the disk is back.
-    errno.store(EIO, Ordering::SeqCst);
+    faults.read.set(EIO);
     assert_eq!(
         map.get("key-01500").err().map(|e| e.code()),
         Some(ErrorCode::Io)
     );
-    errno.store(0, Ordering::SeqCst);
-    put(&map, "after", b"ok");
+    faults.read.clear();
+    put(&map, "after", b"ok").unwrap();
 
     let mut walked = 10;
     let ended = loop {
@@ -195,7 +119,7 @@ fn damaged_key_store(dir: &Path) -> PathBuf {
     let db = Database::open(&path, DatabaseOptions::default()).unwrap();
     let map = db.map_store("m", MapOptions::default()).unwrap();
     for key in ["damaged-A", "damaged-ZQXJ", "damaged-ZZ"] {
-        put(&map, key, b"value");
+        put(&map, key, b"value").unwrap();
     }
     db.close();
     let mut bytes = std::fs::read(&path).unwrap();
