@@ -1,25 +1,11 @@
 import test from 'ava'
-import { execFile, spawn } from 'node:child_process'
-import { once } from 'node:events'
+import { execFile } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
-import { kv, put, tempDir } from './helpers.mjs'
+import { cli, kv, kvstore, put, tempDir } from './helpers.mjs'
 
-const cli = new URL('../dist/cli.js', import.meta.url).pathname
 const exec = promisify(execFile)
-
-async function kvstore(args, input) {
-  const child = spawn(process.execPath, [cli, ...args], { stdio: ['pipe', 'pipe', 'pipe'] })
-  let stdout = ''
-  let stderr = ''
-  child.stdout.on('data', (d) => (stdout += d))
-  child.stderr.on('data', (d) => (stderr += d))
-  child.stdin.end(input ?? '')
-  // 'close', not 'exit': the output may still be in the pipes when the process exits.
-  const [code] = await once(child, 'close')
-  return { code, stdout, stderr }
-}
 
 async function seeded(t) {
   const path = join(tempDir(t), 'cli.redb')

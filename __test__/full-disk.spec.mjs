@@ -8,18 +8,19 @@ import { kv, tempDir } from './helpers.mjs'
 const root = process.getuid?.() === 0
 const maybe = root ? test : test.skip
 
-maybe('a full disk rejects the commit with IoError ENOSPC, loses nothing, and the store recovers when space returns', async (t) => {
+/** A fresh tmpfs of `size` (as `mount -o size=`), unmounted when the test ends. */
+function tmpfs(t, size) {
   const dir = tempDir(t)
-  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', dir])
+  execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', dir])
   t.teardown(() => execFileSync('umount', ['-l', dir]))
-  const ballast = join(dir, 'ballast')
-  writeFileSync(ballast, Buffer.alloc(1 << 20, 1))
-  const path = join(dir, 'full.redb')
-  const store = await kv.MapStore.open(path, { codec: kv.codecs.raw })
-  const value = Buffer.alloc(32 * 1024, 7)
+  return dir
+}
+
+/** Creates `k0`, `k1`… holding `value` until a commit fails (or `most` are written). */
+async function fillUntilFull(store, value, most) {
   const committed = []
   let failure
-  for (let i = 0; i < 1000 && failure === undefined; i++) {
+  for (let i = 0; i < most && failure === undefined; i++) {
     const lock = await store.createAndLockEntry(`k${i}`, { value })
     try {
       await lock.commit()
@@ -28,6 +29,17 @@ maybe('a full disk rejects the commit with IoError ENOSPC, loses nothing, and th
       failure = err
     }
   }
+  return { committed, failure }
+}
+
+maybe('a full disk rejects the commit with IoError ENOSPC, loses nothing, and the store recovers when space returns', async (t) => {
+  const dir = tmpfs(t, '4m')
+  const ballast = join(dir, 'ballast')
+  writeFileSync(ballast, Buffer.alloc(1 << 20, 1))
+  const path = join(dir, 'full.redb')
+  const store = await kv.MapStore.open(path, { codec: kv.codecs.raw })
+  const value = Buffer.alloc(32 * 1024, 7)
+  const { committed, failure } = await fillUntilFull(store, value, 1000)
   t.truthy(failure, 'the disk filled up')
   t.true(failure instanceof kv.IoError)
   t.is(failure.code, 'ERR_IO')
@@ -57,28 +69,16 @@ maybe('a full disk rejects the commit with IoError ENOSPC, loses nothing, and th
 })
 
 maybe('issue 14.5: under durability none, a full disk loses no acknowledged commit (written again once space returns)', async (t) => {
-  const dir = tempDir(t)
   // redb holds non-durable pages in memory (here ~18 MB) until it spills: room for them once
   // the ballast goes.
-  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', dir])
-  t.teardown(() => execFileSync('umount', ['-l', dir]))
+  const dir = tmpfs(t, '64m')
   const ballast = join(dir, 'ballast')
   writeFileSync(ballast, Buffer.alloc(60 << 20, 1))
   const path = join(dir, 'full.redb')
   // No sync falls due during the test: every acknowledged commit is held only by the instance.
   const store = await kv.MapStore.open(path, { codec: kv.codecs.raw, durability: 'none', syncIntervalMs: 3_600_000 })
   const value = Buffer.alloc(32 * 1024, 7)
-  const committed = []
-  let failure
-  for (let i = 0; i < 1000 && failure === undefined; i++) {
-    const lock = await store.createAndLockEntry(`k${i}`, { value })
-    try {
-      await lock.commit()
-      committed.push(`k${i}`)
-    } catch (err) {
-      failure = err
-    }
-  }
+  const { committed, failure } = await fillUntilFull(store, value, 1000)
   t.is(failure?.systemCode, 'ENOSPC')
   t.true(committed.length > 10)
   t.true(store.stats().unsyncedBatches > 0, 'the acknowledged commits are not durable yet')
@@ -96,18 +96,12 @@ maybe('issue 14.5: under durability none, a full disk loses no acknowledged comm
 })
 
 maybe('issue 14.5: under durability none, a disk still full at close makes close() report the lost commits', async (t) => {
-  const dir = tempDir(t)
-  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', dir])
-  t.teardown(() => execFileSync('umount', ['-l', dir]))
+  const dir = tmpfs(t, '4m')
   writeFileSync(join(dir, 'ballast'), Buffer.alloc(1 << 20, 1))
   const path = join(dir, 'full.redb')
   const store = await kv.MapStore.open(path, { codec: kv.codecs.raw, durability: 'none', syncIntervalMs: 3_600_000 })
   const value = Buffer.alloc(32 * 1024, 7)
-  let failure
-  for (let i = 0; i < 2000 && failure === undefined; i++) {
-    const lock = await store.createAndLockEntry(`k${i}`, { value })
-    await lock.commit().catch((err) => { failure = err })
-  }
+  const { failure } = await fillUntilFull(store, value, 2000)
   t.is(failure?.systemCode, 'ENOSPC')
   const err = await t.throwsAsync(store.close(), { instanceOf: kv.IoError })
   t.regex(err.message, /acknowledged non-durable transaction\(s\) .* lost/)

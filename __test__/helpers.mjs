@@ -3,6 +3,7 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { once } from 'node:events'
+import { spawn } from 'node:child_process'
 
 export * as kv from '../dist/index.js'
 import { MapStore } from '../dist/index.js'
@@ -19,6 +20,18 @@ export async function tempStore(t, options = {}) {
   const store = await MapStore.temporary(options)
   t.teardown(() => store.close())
   return store
+}
+
+/** Two handles on one new file `name` in a temporary directory, both closed when the test ends. */
+export async function twoHandles(t, name) {
+  const path = join(tempDir(t), name)
+  const a = await MapStore.open(path)
+  const b = await MapStore.open(path)
+  t.teardown(async () => {
+    await a.close()
+    await b.close()
+  })
+  return [a, b]
 }
 
 /** Resolves once the store reports at least `n` lock waiters (polls on the event loop, no sleeps). */
@@ -38,3 +51,22 @@ export async function exitOf(child) {
   const [code, signal] = await once(child, 'exit')
   return { code, signal }
 }
+
+/** Path of the built command line tool. */
+export const cli = new URL('../dist/cli.js', import.meta.url).pathname
+
+/** Runs a command with `input` on stdin; resolves with its exit code and everything it wrote. */
+export async function run(command, args, input) {
+  const child = spawn(command, args, { stdio: ['pipe', 'pipe', 'pipe'] })
+  let stdout = ''
+  let stderr = ''
+  child.stdout.on('data', (d) => (stdout += d))
+  child.stderr.on('data', (d) => (stderr += d))
+  child.stdin.end(input ?? '')
+  // 'close', not 'exit': the output may still be in the pipes when the process exits.
+  const [code] = await once(child, 'close')
+  return { code, stdout, stderr }
+}
+
+/** Runs `kvstore <args>` (the built CLI) as a user would. */
+export const kvstore = (args, input) => run(process.execPath, [cli, ...args], input)

@@ -1,16 +1,10 @@
 // Issue 14, item 16: a lock handle and a lock waiter say what the core says after a close.
 import test from 'ava'
 import { join } from 'node:path'
-import { kv, put, tempDir, waitersQueued } from './helpers.mjs'
+import { kv, put, tempDir, twoHandles, waitersQueued } from './helpers.mjs'
 
 test('lock.held is false once close() handed the key to another handle', async (t) => {
-  const path = join(tempDir(t), 'held.redb')
-  const a = await kv.MapStore.open(path)
-  const b = await kv.MapStore.open(path)
-  t.teardown(async () => {
-    await a.close()
-    await b.close()
-  })
+  const [a, b] = await twoHandles(t, 'held.redb')
   await put(a, 'k', 1)
   const lock = await a.getAndLockEntry('k')
   t.true(lock.held)
@@ -47,16 +41,25 @@ test('closing a db.mapStore() view leaves the locks it holds held', async (t) =>
   again.release()
 })
 
-test('a waiter queued through a closed db.mapStore() view is rejected and never granted', async (t) => {
-  const db = await kv.Database.open(join(tempDir(t), 'view-waiter.redb'))
+/**
+ * Two views of one file: `other` holds key `k`, and `waiting` waits for it through `closing`
+ * (queued by the time this resolves).
+ */
+async function waiterBehindHolder(t, name) {
+  const db = await kv.Database.open(join(tempDir(t), name))
   t.teardown(() => db.close())
   const closing = db.mapStore('m')
   const other = db.mapStore('m')
   await put(other, 'k', 1)
   const holder = await other.getAndLockEntry('k')
   const waiting = closing.getAndLockEntry('k')
-  const created = closing.createAndLockEntry('free-key', { value: 1 })
   await waitersQueued(other, 1)
+  return { closing, other, holder, waiting }
+}
+
+test('a waiter queued through a closed db.mapStore() view is rejected and never granted', async (t) => {
+  const { closing, other, holder, waiting } = await waiterBehindHolder(t, 'view-waiter.redb')
+  const created = closing.createAndLockEntry('free-key', { value: 1 })
   await closing.close()
   await t.throwsAsync(waiting, { instanceOf: kv.StoreClosedError })
   t.is(other.stats().locksWaiting, 0, 'the waiter left the queue')
@@ -79,14 +82,7 @@ test('a closed view refuses new lock requests with StoreClosedError', async (t) 
 })
 
 test('a grant on its way when its db.mapStore() view closes is released, not handed out', async (t) => {
-  const db = await kv.Database.open(join(tempDir(t), 'view-race.redb'))
-  t.teardown(() => db.close())
-  const closing = db.mapStore('m')
-  const other = db.mapStore('m')
-  await put(other, 'k', 1)
-  const holder = await other.getAndLockEntry('k')
-  const waiting = closing.getAndLockEntry('k')
-  await waitersQueued(other, 1)
+  const { closing, other, holder, waiting } = await waiterBehindHolder(t, 'view-race.redb')
   // In one synchronous stretch: the key is handed to the waiter (its grant is queued for this
   // thread), then the view closes before the grant is delivered.
   holder.release()

@@ -2,27 +2,9 @@
 // the lines it cannot take; dump → load is byte for byte with the table's codec; a closed pipe
 // ends a command quietly with the store closed; arguments that are not UTF-8 are refused.
 import test from 'ava'
-import { spawn } from 'node:child_process'
-import { once } from 'node:events'
 import { existsSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { kv, put, tempDir } from './helpers.mjs'
-
-const cli = new URL('../dist/cli.js', import.meta.url).pathname
-
-async function run(command, args, input) {
-  const child = spawn(command, args, { stdio: ['pipe', 'pipe', 'pipe'] })
-  let stdout = ''
-  let stderr = ''
-  child.stdout.on('data', (d) => (stdout += d))
-  child.stderr.on('data', (d) => (stderr += d))
-  child.stdin.end(input ?? '')
-  // 'close', not 'exit': the output may still be in the pipes when the process exits.
-  const [code] = await once(child, 'close')
-  return { code, stdout, stderr }
-}
-
-const kvstore = (args, input) => run(process.execPath, [cli, ...args], input)
+import { cli, kv, kvstore, put, run, tempDir } from './helpers.mjs'
 
 /** Every stored record of a table as [key, metadata, value bytes (hex)], read under its codec's name. */
 async function storedBytes(path, table, codecName) {

@@ -1,5 +1,5 @@
 import test from 'ava'
-import { kv, put, tempStore, waitersQueued } from './helpers.mjs'
+import { kv, put, tempStore, twoHandles, waitersQueued } from './helpers.mjs'
 
 test('create twice fails with EntryAlreadyExistsError', async (t) => {
   const store = await tempStore(t)
@@ -301,15 +301,7 @@ test('a lock handle garbage-collected while held is released with a warning', as
 })
 
 test('two handles on one file in one thread share the same locks and commits', async (t) => {
-  const { join } = await import('node:path')
-  const { tempDir } = await import('./helpers.mjs')
-  const path = join(tempDir(t), 'shared.redb')
-  const a = await kv.MapStore.open(path)
-  const b = await kv.MapStore.open(path)
-  t.teardown(async () => {
-    await a.close()
-    await b.close()
-  })
+  const [a, b] = await twoHandles(t, 'shared.redb')
   await put(a, 'k', 1)
   t.is(b.getEntry('k').value, 1)
   const held = await a.getAndLockEntry('k')
