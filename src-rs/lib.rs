@@ -226,9 +226,9 @@ impl NativeDatabase {
     }
 
     /// Waits for this handle's commits in flight, then releases its locks and waiters.
-    #[napi(catch_unwind)]
     /// Fails when this was the file's last handle and its final sync failed: acknowledged
     /// non-durable commits were lost (the handle is closed all the same).
+    #[napi(catch_unwind)]
     pub fn close(&mut self, env: Env) -> Result<()> {
         flush_pending(&self.db, &self.pending);
         let closed = self.db.try_close();

@@ -91,7 +91,9 @@ export class Database {
 
   /**
    * Writes a consistent copy of the whole file, as of one snapshot, to `destPath` (which must
-   * not exist). Commits go on meanwhile; the copy is renamed into place only when complete.
+   * not exist). Commits go on meanwhile; the copy goes to a working file of its own beside
+   * `destPath` and is linked into place only when complete, never over an existing file.
+   * close() ends a backup still copying (StoreClosedError).
    */
   async backup(destPath: string): Promise<void> {
     checkPath('destPath', destPath)
@@ -101,7 +103,8 @@ export class Database {
 
   /**
    * Reclaims free space in the file once the commits queued so far are written; true if it
-   * compacted anything. Fails with InvalidArgumentError while a walk (getEntries) is open.
+   * compacted anything. Fails with InvalidArgumentError while a walk (getEntries) or a backup
+   * is open.
    */
   async compact(): Promise<boolean> {
     this.#checkOpen()

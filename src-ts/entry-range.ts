@@ -6,6 +6,7 @@ import { decodeValue } from './codecs'
 import { readEnvelope, type Envelope, type Metadata } from './envelope'
 import { InvalidArgumentError, native } from './errors'
 import type { NativeMapStore, NativeRange } from './native'
+import { checkWellFormedKey } from './options'
 
 export interface RangeOptions {
   /** Only keys that begin with this. */
@@ -70,6 +71,8 @@ const LARGEST_BATCH = 4096
 function stringOption(options: RangeOptions, name: 'prefix' | 'start' | 'stop'): string | undefined {
   const value = options[name]
   if (value !== undefined && typeof value !== 'string') throw new TypeError(`${name} must be a string`)
+  // prefix, start and stop name keys: a lone surrogate in them is IllegalKeyError, as in a key.
+  if (value !== undefined) checkWellFormedKey(name, value)
   return value
 }
 

@@ -72,16 +72,6 @@ function checkKey(key: unknown): asserts key is string {
   checkWellFormedKey('the key', key)
 }
 
-/** prefix, start and stop name keys: a lone surrogate in them is IllegalKeyError, as in a key. */
-function checkRangeKeys(options: RangeOptions): RangeOptions {
-  const checked = checkRangeOptions(options)
-  for (const name of ['prefix', 'start', 'stop'] as const) {
-    const text = checked[name]
-    if (text !== undefined) checkWellFormedKey(name, text)
-  }
-  return checked
-}
-
 /** setTimeout's longest delay (2^31 − 1 ms, about 24.8 days); longer ones fire at once. */
 const LONGEST_TIMER = 2 ** 31 - 1
 
@@ -337,13 +327,13 @@ export class MapStore<T = unknown> {
   /** A walk over one snapshot of committed entries, in byte-wise key order. */
   getEntries(options: RangeOptions = {}): EntryRange<T> {
     this.#checkOpen()
-    return new EntryRange(this.#rangeContext, checkRangeKeys(options))
+    return new EntryRange(this.#rangeContext, checkRangeOptions(options))
   }
 
   /** How many committed entries match. */
   count(options: RangeOptions = {}): number {
     this.#checkOpen()
-    const checked = checkRangeKeys(options)
+    const checked = checkRangeOptions(options)
     return native(() => this.#parts.native.count(checked))
   }
 
