@@ -119,6 +119,7 @@ export interface NativeOpenOptions {
   pageCacheBytes?: number
   durable?: boolean
   syncIntervalMs?: number
+  readOnly?: boolean
 }
 
 export interface NativeRangeOptions {

@@ -1,20 +1,11 @@
 import test from 'ava'
-import { execFileSync } from 'node:child_process'
 import { rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { kv, tempDir } from './helpers.mjs'
+import { kv, tmpfs } from './helpers.mjs'
 
 // A real full disk: a 4 MiB tmpfs. Mounting needs root (CI runs as root).
 const root = process.getuid?.() === 0
 const maybe = root ? test : test.skip
-
-/** A fresh tmpfs of `size` (as `mount -o size=`), unmounted when the test ends. */
-function tmpfs(t, size) {
-  const dir = tempDir(t)
-  execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', dir])
-  t.teardown(() => execFileSync('umount', ['-l', dir]))
-  return dir
-}
 
 /** Creates `k0`, `k1`… holding `value` until a commit fails (or `most` are written). */
 async function fillUntilFull(store, value, most) {

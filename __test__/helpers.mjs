@@ -3,7 +3,7 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { once } from 'node:events'
-import { spawn } from 'node:child_process'
+import { execFileSync, spawn } from 'node:child_process'
 
 export * as kv from '../dist/index.js'
 import { MapStore } from '../dist/index.js'
@@ -12,6 +12,14 @@ import { MapStore } from '../dist/index.js'
 export function tempDir(t) {
   const dir = mkdtempSync(join(tmpdir(), 'kvstore-test-'))
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  return dir
+}
+
+/** A fresh tmpfs of `size` (as `mount -o size=`), unmounted when the test ends. Needs root. */
+export function tmpfs(t, size) {
+  const dir = tempDir(t)
+  execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', dir])
+  t.teardown(() => execFileSync('umount', ['-l', dir]))
   return dir
 }
 

@@ -219,7 +219,7 @@ test('reading commands refuse an empty file and leave it as it was', async (t) =
   for (const command of ['stats', 'tables', 'ls', 'dump', 'get']) {
     const r = await kvstore(command === 'get' ? [command, path, 'k'] : [command, path])
     t.is(r.code, 1, command)
-    t.regex(r.stderr, /is empty: not a kvstore file/, command)
+    t.regex(r.stderr, /empty \(0 bytes\): it is not a kvstore file/, command)
     t.is(statSync(path).size, 0, `${command} wrote nothing`)
   }
 })

@@ -61,6 +61,7 @@ pub struct NativeOpenOptions {
     pub page_cache_bytes: Option<f64>,
     pub durable: Option<bool>,
     pub sync_interval_ms: Option<f64>,
+    pub read_only: Option<bool>,
 }
 
 #[napi(object)]
@@ -115,6 +116,7 @@ impl NativeDatabase {
                         std::time::Duration::from_secs_f64(ms / 1000.0)
                     }),
                 backend: None,
+                read_only: options.read_only.unwrap_or(false),
             },
         )
         .or_js()?;

@@ -2,13 +2,13 @@
 // kvstore <command> <file> — look inside a store from the shell. Values are shown as JSON. A dump
 // carries the table's codec (a header line) and each value's stored bytes (base64), so `load`
 // recreates the table byte for byte; the JSON `value` beside them is for reading.
-import { existsSync, readFileSync, statSync } from 'node:fs'
+import { existsSync, readFileSync } from 'node:fs'
 import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 import { codecs, type Codec } from './codecs'
 import { Database } from './database'
 import { checkMetadata, type Metadata } from './envelope'
-import { DatabaseCorruptError, KvStoreError } from './errors'
+import { KvStoreError } from './errors'
 import type { MapStore } from './map-store'
 
 const HELP: Record<string, string> = {
@@ -378,12 +378,10 @@ async function main(argv: string[], out: Output): Promise<void> {
   if (file === undefined) throw new UsageError(HELP[command])
   if (command === 'load') return load(file, values.table, out)
   if (!existsSync(file)) throw new UsageError(`no such file: ${file}`)
-  // Opening would turn an empty file into a new store: a reading command changes nothing.
-  if (statSync(file).isFile() && statSync(file).size === 0) {
-    throw new DatabaseCorruptError(`'${file}' is empty: not a kvstore file`)
-  }
+  // Every command but compact only reads: it opens read-only and changes nothing (an empty file
+  // is refused as corrupt; a read-only file or mount works).
   const table = values.table ?? 'default'
-  const db = await Database.open(file)
+  const db = await Database.open(file, { readOnly: command !== 'compact' })
   try {
     switch (command) {
       case 'tables':

@@ -35,8 +35,8 @@ export class Database {
   /** @internal */
   static openSync(path: string, options: DatabaseOptions = {}, onClose?: () => void): Database {
     checkPath('path', path)
-    const { durable, pageCacheBytes, syncIntervalMs } = checkDatabaseOptions(options)
-    const handle = native(() => binding.NativeDatabase.open(path, { durable, pageCacheBytes, syncIntervalMs }))
+    const { durable, pageCacheBytes, syncIntervalMs, readOnly } = checkDatabaseOptions(options)
+    const handle = native(() => binding.NativeDatabase.open(path, { durable, pageCacheBytes, syncIntervalMs, readOnly }))
     const repairMs = handle.repairMs
     if (repairMs !== null && repairMs !== undefined) {
       options.logger?.warn(`kvstore: '${handle.path}' was not closed cleanly; redb repaired it in ${repairMs.toFixed(1)} ms`)

@@ -38,6 +38,13 @@ export interface DatabaseOptions {
   syncIntervalMs?: number
   /** redb's page cache for this file, in bytes (default 64 MiB). */
   pageCacheBytes?: number
+  /**
+   * Open without write access and change nothing: a missing file is not created, a file that was
+   * not closed cleanly is refused (it needs a repair), and locks, commits, auto keys and compact()
+   * fail with InvalidArgumentError. Reads, walks and backup() work. A file open read-only in this
+   * process cannot be opened read-write beside it (DatabaseLockedError). Default false.
+   */
+  readOnly?: boolean
   /** Default wait for a held lock, in ms (default Infinity). */
   lockTimeoutMs?: number
   /** Receives warnings such as a lock handle collected while held. Silent by default. */
@@ -105,7 +112,7 @@ export function checkLogger(value: unknown): Logger | undefined {
   return logger
 }
 
-export function checkDatabaseOptions(options: DatabaseOptions): { durable: boolean; pageCacheBytes?: number; syncIntervalMs?: number } {
+export function checkDatabaseOptions(options: DatabaseOptions): { durable: boolean; pageCacheBytes?: number; syncIntervalMs?: number; readOnly: boolean } {
   checkObject('options', options)
   const { durability = 'immediate' } = options
   if (durability !== 'immediate' && durability !== 'none') invalid('durability', durability, "'immediate' or 'none'")
@@ -114,7 +121,9 @@ export function checkDatabaseOptions(options: DatabaseOptions): { durable: boole
   checkTimeout('slowCommitMs', options.slowCommitMs)
   checkTimeout('slowLockWaitMs', options.slowLockWaitMs)
   checkLogger(options.logger)
-  return { durable: durability === 'immediate', pageCacheBytes: integer('pageCacheBytes', options.pageCacheBytes, 1 << 20), syncIntervalMs }
+  const { readOnly = false } = options
+  if (typeof readOnly !== 'boolean') invalid('readOnly', readOnly, 'a boolean')
+  return { durable: durability === 'immediate', pageCacheBytes: integer('pageCacheBytes', options.pageCacheBytes, 1 << 20), syncIntervalMs, readOnly }
 }
 
 export function checkTableName(name: unknown): string {

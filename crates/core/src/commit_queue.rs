@@ -483,7 +483,10 @@ impl Writer {
         let path = self.file.path();
         let redb_err = |e: redb::Error| from_redb(path, e);
         let db = self.file.db()?;
-        let mut txn = db.begin_write().map_err(|e| redb_err(e.into()))?;
+        let mut txn = db
+            .writable(self.file.path())?
+            .begin_write()
+            .map_err(|e| redb_err(e.into()))?;
         txn.set_durability(if durable {
             Durability::Immediate
         } else {

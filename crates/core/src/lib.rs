@@ -18,6 +18,7 @@ mod cache;
 mod commit_queue;
 pub mod envelope;
 mod error;
+mod instance;
 mod keys;
 mod locks;
 mod maintenance;

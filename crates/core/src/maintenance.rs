@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 
 use redb::backends::FileBackend;
-use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use redb::{ReadableTable, TableDefinition, TableHandle};
 
 use crate::error::{from_redb, Error, Result};
+use crate::instance::Instance;
 use crate::store::{StoreFile, META_TABLE};
 
 /// Entries copied per write transaction of a backup, so a large copy does not build one huge
@@ -62,7 +63,7 @@ impl BackupGate {
 
     /// Call with the instance slot locked (see `StoreFile::db_for_backup`), so a close or
     /// recovery, which takes the slot first, either ends this backup or is not yet begun.
-    pub(crate) fn enter(self: &Arc<Self>, db: &Arc<redb::Database>) -> BackupTicket {
+    pub(crate) fn enter(self: &Arc<Self>, db: &Arc<Instance>) -> BackupTicket {
         self.state().begun += 1;
         BackupTicket {
             gate: self.clone(),
@@ -77,7 +78,7 @@ impl BackupGate {
 pub(crate) struct BackupTicket {
     gate: Arc<BackupGate>,
     epoch: u64,
-    db: Weak<redb::Database>,
+    db: Weak<Instance>,
 }
 
 impl BackupTicket {
@@ -115,7 +116,7 @@ impl Drop for BackupTicket {
 /// A copy under way; dropping it lets go of the instance and wakes a close that waits.
 struct Copying<'a> {
     ticket: &'a BackupTicket,
-    _db: Option<Arc<redb::Database>>,
+    _db: Option<Arc<Instance>>,
 }
 
 impl Drop for Copying<'_> {
@@ -326,7 +327,7 @@ pub(crate) fn tables(file: &StoreFile) -> Result<Vec<(String, String)>> {
 /// with the instance slot locked (readers wait): it refuses at once while a backup or a walk
 /// (`getEntries`) is open, and otherwise waits only for reads already under way, which take
 /// microseconds.
-pub(crate) fn compact(file: &StoreFile, slot: &mut Option<Arc<redb::Database>>) -> Result<bool> {
+pub(crate) fn compact(file: &StoreFile, slot: &mut Option<Arc<Instance>>) -> Result<bool> {
     let busy = || -> Option<Error> {
         if file.backups().begun() > 0 {
             return Some(Error::invalid(
@@ -342,6 +343,9 @@ pub(crate) fn compact(file: &StoreFile, slot: &mut Option<Arc<redb::Database>>) 
     };
     if let Some(err) = busy() {
         return Err(err);
+    }
+    if slot.as_ref().is_some_and(|db| db.is_read_only()) {
+        return Err(crate::instance::read_only(file.path()));
     }
     let mut shared = slot.take().ok_or(Error::StoreClosed)?;
     let mut tries = 0;

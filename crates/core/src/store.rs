@@ -11,15 +11,13 @@ use std::time::Duration;
 
 use std::ops::Bound;
 
-use redb::{
-    BackendError, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    TableError,
-};
+use redb::{BackendError, ReadableTable, ReadableTableMetadata, TableDefinition, TableError};
 
 use crate::cache::{EntryCache, Lookup};
 use crate::commit_queue::{Change, CommitCallback, CommitJob, CommitQueue, Job};
 use crate::envelope::{self, Record};
 use crate::error::{from_redb, Error, ErrorCode, Result};
+use crate::instance::Instance;
 use crate::keys::{validate_key, KeyFormat};
 use crate::locks::{Acquire, Grant, GrantCallback, LockTable, LockToken, OwnerId};
 use crate::maintenance::{BackupGate, BackupTicket};
@@ -46,6 +44,10 @@ pub struct DatabaseOptions {
     pub sync_interval: Duration,
     /// Where the bytes go; the plain file when `None`. Used again to reopen after a failed write.
     pub backend: Option<Backend>,
+    /// Open the file without write access and change nothing in it: a missing file is not
+    /// created, a file that needs a repair is refused, and locks, commits, auto keys and
+    /// compaction fail with [`Error::InvalidArgument`]. Reads, walks and backups work.
+    pub read_only: bool,
 }
 
 impl Default for DatabaseOptions {
@@ -55,6 +57,7 @@ impl Default for DatabaseOptions {
             durable: true,
             sync_interval: Duration::from_secs(1),
             backend: None,
+            read_only: false,
         }
     }
 }
@@ -242,11 +245,13 @@ pub(crate) struct StoreFile {
     location: PathBuf,
     page_cache_bytes: usize,
     backend: Option<Backend>,
+    /// Opened without write access (see [`DatabaseOptions::read_only`]).
+    read_only: bool,
     /// The last handle closed: the file is not to be reopened.
     released: AtomicBool,
     /// Taken out when the last handle closes, so the file lock goes even while stray handles
     /// (dropped later by a garbage collector) still point here; swapped on recovery.
-    db: RwLock<Option<Arc<redb::Database>>>,
+    db: RwLock<Option<Arc<Instance>>>,
     tables: Mutex<HashMap<String, Arc<TableState>>>,
     /// A read failed with an I/O error. redb then refuses all I/O until the file is reopened;
     /// the writer does that before its next batch.
@@ -257,6 +262,15 @@ pub(crate) struct StoreFile {
     walks: AtomicUsize,
     /// Acknowledged non-durable changes, written again after a reopen (see [`UnsyncedChanges`]).
     unsynced: Mutex<UnsyncedChanges>,
+}
+
+/// A map's entries in the bookkeeping table: its codec, how far its keys are leased and how
+/// they are spelled.
+#[derive(Default)]
+struct TableMeta {
+    codec: Option<String>,
+    leased_until: u64,
+    key_format: Option<KeyFormat>,
 }
 
 /// The per-file core shared by every handle in the process.
@@ -326,6 +340,11 @@ fn open_error(path: &str, err: redb::DatabaseError) -> Error {
             corrupt(io.to_string())
         }
         DatabaseError::Storage(StorageError::Corrupted(detail)) => corrupt(detail),
+        // Only a read-only open aborts a repair.
+        DatabaseError::RepairAborted => Error::invalid(format!(
+            "'{path}' was not closed cleanly and needs a repair, which a read-only open cannot \
+             make: open it read-write once"
+        )),
         DatabaseError::UpgradeRequired(v) => {
             corrupt(format!("written in an unsupported redb file format ({v})"))
         }
@@ -335,10 +354,10 @@ fn open_error(path: &str, err: redb::DatabaseError) -> Error {
 
 /// Runs one of redb's opens. redb can panic on some damaged files instead of returning an
 /// error: that is a corrupt file too.
-fn open_guarded(
+fn open_guarded<T>(
     path: &str,
-    open: impl FnOnce() -> std::result::Result<redb::Database, redb::DatabaseError>,
-) -> Result<redb::Database> {
+    open: impl FnOnce() -> std::result::Result<T, redb::DatabaseError>,
+) -> Result<T> {
     catch_unwind(AssertUnwindSafe(open))
         .map_err(|_| Error::DatabaseCorrupt {
             path: path.to_string(),
@@ -355,7 +374,11 @@ fn open_redb(
     path: &str,
     page_cache_bytes: usize,
     backend: Option<&Backend>,
-) -> Result<(redb::Database, Option<Duration>)> {
+    read_only: bool,
+) -> Result<(Instance, Option<Duration>)> {
+    if read_only {
+        return open_read_only(location, path, page_cache_bytes, backend).map(|db| (db, None));
+    }
     let existed = std::fs::metadata(location).is_ok_and(|m| m.len() > 0);
     let repairing = Arc::new(AtomicBool::new(false));
     let mut builder = redb::Database::builder();
@@ -372,11 +395,40 @@ fn open_redb(
         None => builder.create(location),
     })?;
     let repaired = (existed && repairing.load(Ordering::Relaxed)).then(|| started.elapsed());
-    Ok((db, repaired))
+    Ok((Instance::Writable(db), repaired))
+}
+
+/// Opens an existing file without write access (see [`DatabaseOptions::read_only`]).
+fn open_read_only(
+    location: &Path,
+    path: &str,
+    page_cache_bytes: usize,
+    backend: Option<&Backend>,
+) -> Result<Instance> {
+    let mut builder = redb::Database::builder();
+    builder.set_cache_size(page_cache_bytes);
+    let opened = match backend {
+        Some(make) => {
+            let storage = BoxedBackend((make.0)(location)?);
+            open_guarded(path, || builder.open_read_only_with_backend(storage))
+        }
+        None => {
+            // redb opens a missing file's error without the path; an empty file is no store.
+            let meta = std::fs::metadata(location).map_err(|e| Error::io_at(location, e))?;
+            if meta.len() == 0 {
+                return Err(Error::DatabaseCorrupt {
+                    path: path.to_string(),
+                    detail: "the file is empty (0 bytes): it is not a kvstore file".into(),
+                });
+            }
+            open_guarded(path, || builder.open_read_only(location))
+        }
+    };
+    opened.map(Instance::ReadOnly)
 }
 
 impl StoreFile {
-    pub(crate) fn db(&self) -> Result<Arc<redb::Database>> {
+    pub(crate) fn db(&self) -> Result<Arc<Instance>> {
         if let Some(db) = self.db.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
             return Ok(db.clone());
         }
@@ -396,7 +448,7 @@ impl StoreFile {
 
     /// Opens the file again, as it was first opened, and writes again what non-durable
     /// transactions had acknowledged before the old instance was dropped.
-    fn reopen(&self) -> Result<Arc<redb::Database>> {
+    fn reopen(&self) -> Result<Arc<Instance>> {
         // A writer still finishing after the last close (closed from inside its own callback)
         // must not open the file again.
         if self.released.load(Ordering::SeqCst) {
@@ -407,10 +459,12 @@ impl StoreFile {
             &self.path,
             self.page_cache_bytes,
             self.backend.as_ref(),
+            self.read_only,
         )?;
         let mut unsynced = self.unsynced();
         if !unsynced.is_empty() {
-            crate::error::guard_damage(&self.path, || unsynced.rewrite(&db, &self.path))?;
+            let writable = db.writable(&self.path)?;
+            crate::error::guard_damage(&self.path, || unsynced.rewrite(writable, &self.path))?;
             unsynced.clear();
         }
         Ok(Arc::new(db))
@@ -445,7 +499,7 @@ impl StoreFile {
     fn lock_slot(
         &self,
         each: impl Fn(&EntryCache<Snapshot>),
-    ) -> RwLockWriteGuard<'_, Option<Arc<redb::Database>>> {
+    ) -> RwLockWriteGuard<'_, Option<Arc<Instance>>> {
         let tables = self.tables();
         let slot = self.db.write().unwrap_or_else(|p| p.into_inner());
         for table in tables {
@@ -489,7 +543,7 @@ impl StoreFile {
 
     /// The instance, with a place in the backup gate taken while the slot is locked: a close
     /// or recovery (which locks the slot, then ends the backups) cannot miss this backup.
-    pub(crate) fn db_for_backup(&self) -> Result<(Arc<redb::Database>, BackupTicket)> {
+    pub(crate) fn db_for_backup(&self) -> Result<(Arc<Instance>, BackupTicket)> {
         loop {
             let db = self.db()?;
             let slot = self.db.read().unwrap_or_else(|p| p.into_inner());
@@ -543,40 +597,46 @@ impl StoreFile {
         let codec_key = format!("codec:{name}");
         let sequence_key = format!("seq:{name}");
         let keys_key = format!("keys:{name}");
-        let txn = self.db()?.begin_write().map_err(|e| self.redb_err(e))?;
-        let (leased_until, key_format) = {
-            txn.open_table(TableDefinition::<&str, &[u8]>::new(&redb_name))
+        let db = self.db()?;
+        let mismatch = |stored: &Option<String>| match stored {
+            Some(stored) if *stored != options.codec => Err(Error::CodecMismatch {
+                table: name.into(),
+                stored: stored.clone(),
+                requested: options.codec.clone(),
+            }),
+            _ => Ok(()),
+        };
+        let found = if self.read_only {
+            // Nothing is created: a map the file does not have reads as empty.
+            let txn = db.begin_read().map_err(|e| self.redb_err(e))?;
+            let found = match txn.open_table(META_TABLE) {
+                Ok(meta) => self.table_meta(&meta, &codec_key, &sequence_key, &keys_key)?,
+                Err(TableError::TableDoesNotExist(_)) => TableMeta::default(),
+                Err(e) => return Err(self.redb_err(e)),
+            };
+            mismatch(&found.codec)?;
+            found
+        } else {
+            let txn = db
+                .writable(&self.path)?
+                .begin_write()
                 .map_err(|e| self.redb_err(e))?;
-            let mut meta = txn.open_table(META_TABLE).map_err(|e| self.redb_err(e))?;
-            let stored = meta
-                .get(codec_key.as_str())
-                .map_err(|e| self.redb_err(e))?
-                .map(|g| String::from_utf8_lossy(g.value()).into_owned());
-            match stored {
-                Some(stored) if stored != options.codec => {
-                    return Err(Error::CodecMismatch {
-                        table: name.into(),
-                        stored,
-                        requested: options.codec.clone(),
-                    })
-                }
-                Some(_) => {}
-                None => {
+            let found = {
+                txn.open_table(TableDefinition::<&str, &[u8]>::new(&redb_name))
+                    .map_err(|e| self.redb_err(e))?;
+                let mut meta = txn.open_table(META_TABLE).map_err(|e| self.redb_err(e))?;
+                let found = self.table_meta(&meta, &codec_key, &sequence_key, &keys_key)?;
+                mismatch(&found.codec)?;
+                if found.codec.is_none() {
                     meta.insert(codec_key.as_str(), options.codec.as_bytes())
                         .map_err(|e| self.redb_err(e))?;
                 }
-            }
-            let leased = meta
-                .get(sequence_key.as_str())
-                .map_err(|e| self.redb_err(e))?
-                .map(|g| decode_u64(g.value()));
-            let key_format = meta
-                .get(keys_key.as_str())
-                .map_err(|e| self.redb_err(e))?
-                .and_then(|g| KeyFormat::decode(g.value()));
-            (leased.unwrap_or(0), key_format)
+                found
+            };
+            txn.commit().map_err(|e| self.redb_err(e))?;
+            found
         };
-        txn.commit().map_err(|e| self.redb_err(e))?;
+        let (leased_until, key_format) = (found.leased_until, found.key_format);
         let table = Arc::new(TableState {
             name: name.to_string(),
             redb_name,
@@ -590,6 +650,22 @@ impl StoreFile {
         });
         tables.insert(name.to_string(), table.clone());
         Ok(table)
+    }
+
+    /// What the bookkeeping table says of one map.
+    fn table_meta(
+        &self,
+        meta: &impl ReadableTable<&'static str, &'static [u8]>,
+        codec_key: &str,
+        sequence_key: &str,
+        keys_key: &str,
+    ) -> Result<TableMeta> {
+        let get = |key: &str| meta.get(key).map_err(|e| self.redb_err(e));
+        Ok(TableMeta {
+            codec: get(codec_key)?.map(|g| String::from_utf8_lossy(g.value()).into_owned()),
+            leased_until: get(sequence_key)?.map_or(0, |g| decode_u64(g.value())),
+            key_format: get(keys_key)?.and_then(|g| KeyFormat::decode(g.value())),
+        })
     }
 
     pub(crate) fn tables(&self) -> Vec<Arc<TableState>> {
@@ -606,6 +682,7 @@ impl Shared {
             &path,
             options.page_cache_bytes,
             options.backend.as_ref(),
+            options.read_only,
         )?;
         let db = Arc::new(db);
         crate::error::guard_damage(&path, || check_format(&db, &path))?;
@@ -614,6 +691,7 @@ impl Shared {
             location: location.to_path_buf(),
             page_cache_bytes: options.page_cache_bytes,
             backend: options.backend.clone(),
+            read_only: options.read_only,
             released: AtomicBool::new(false),
             db: RwLock::new(Some(db)),
             tables: Mutex::new(HashMap::new()),
@@ -666,8 +744,30 @@ fn decode_u64(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(raw)
 }
 
-fn check_format(db: &redb::Database, path: &str) -> Result<()> {
+fn check_format(db: &Instance, path: &str) -> Result<()> {
     let err = |e: redb::Error| from_redb(path, e);
+    let check = |stored: Option<u64>| match stored {
+        Some(FORMAT_VERSION) | None => Ok(()),
+        Some(other) => Err(Error::DatabaseCorrupt {
+            path: path.to_string(),
+            detail: format!(
+                "kvstore format {other} is not supported (this build reads {FORMAT_VERSION})"
+            ),
+        }),
+    };
+    let Instance::Writable(db) = db else {
+        // Read-only: check what is there, record nothing.
+        let txn = db.begin_read().map_err(|e| err(e.into()))?;
+        return match txn.open_table(META_TABLE) {
+            Ok(meta) => check(
+                meta.get(FORMAT_KEY)
+                    .map_err(|e| err(e.into()))?
+                    .map(|g| decode_u64(g.value())),
+            ),
+            Err(TableError::TableDoesNotExist(_)) => Ok(()),
+            Err(e) => Err(err(e.into())),
+        };
+    };
     let txn = db.begin_write().map_err(|e| err(e.into()))?;
     {
         let mut meta = txn.open_table(META_TABLE).map_err(|e| err(e.into()))?;
@@ -675,20 +775,10 @@ fn check_format(db: &redb::Database, path: &str) -> Result<()> {
             .get(FORMAT_KEY)
             .map_err(|e| err(e.into()))?
             .map(|g| decode_u64(g.value()));
-        match stored {
-            Some(FORMAT_VERSION) => {}
-            Some(other) => {
-                return Err(Error::DatabaseCorrupt {
-                    path: path.to_string(),
-                    detail: format!(
-                    "kvstore format {other} is not supported (this build reads {FORMAT_VERSION})"
-                ),
-                })
-            }
-            None => {
-                meta.insert(FORMAT_KEY, FORMAT_VERSION.to_le_bytes().as_slice())
-                    .map_err(|e| err(e.into()))?;
-            }
+        check(stored)?;
+        if stored.is_none() {
+            meta.insert(FORMAT_KEY, FORMAT_VERSION.to_le_bytes().as_slice())
+                .map_err(|e| err(e.into()))?;
         }
     }
     txn.commit().map_err(|e| err(e.into()))
@@ -701,12 +791,21 @@ struct Handle {
     registered: PathBuf,
     owner: OwnerId,
     durable: bool,
+    /// Opened with `read_only` (or joined a file open read-only): changes are refused.
+    read_only: bool,
     closed: AtomicBool,
     /// This handle's open found the file closed and opened it (rather than joining a core).
     opened_file: bool,
 }
 
 impl Handle {
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(crate::instance::read_only(&self.shared.path));
+        }
+        Ok(())
+    }
+
     fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
@@ -743,17 +842,25 @@ impl Database {
         let key = normalize(path.as_ref())?;
         let registration = crate::registry::open(&key, || Shared::open(&key, &options))?;
         let opened_file = registration.opened;
-        Ok(Database {
-            handle: Arc::new(Handle {
-                shared: registration.shared,
-                key,
-                registered: registration.key,
-                owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
-                durable: options.durable,
-                closed: AtomicBool::new(false),
-                opened_file,
-            }),
-        })
+        let file_read_only = registration.shared.read_only;
+        let handle = Arc::new(Handle {
+            shared: registration.shared,
+            key,
+            registered: registration.key,
+            owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
+            durable: options.durable,
+            read_only: options.read_only || file_read_only,
+            closed: AtomicBool::new(false),
+            opened_file,
+        });
+        if file_read_only && !options.read_only {
+            // Dropping the handle gives the registration back.
+            return Err(Error::DatabaseLocked {
+                path: handle.key.display().to_string(),
+                holder: "this process, which opened it read-only".into(),
+            });
+        }
+        Ok(Database { handle })
     }
 
     /// When this handle opened the file and redb had to repair it first (the last process
@@ -783,6 +890,11 @@ impl Database {
             table,
             keys: options.keys,
         })
+    }
+
+    /// Whether this handle was opened read-only (or joined a file open read-only).
+    pub fn is_read_only(&self) -> bool {
+        self.handle.read_only
     }
 
     /// Whether this handle's commits wait for an fsync.
@@ -834,6 +946,7 @@ impl Database {
     /// anything was reclaimed. Fails while a walk is open.
     pub fn compact_with(&self, done: Box<dyn FnOnce(Result<bool>) + Send>) -> Result<()> {
         self.check_open()?;
+        self.handle.check_writable()?;
         let file = self.handle.shared.file.clone();
         self.handle
             .shared
@@ -1001,6 +1114,7 @@ impl MapStore {
         make_waiter: impl FnOnce() -> Result<GrantCallback>,
     ) -> Result<Acquire> {
         self.check_open()?;
+        self.handle.check_writable()?;
         validate_key(key)?;
         self.table
             .locks
@@ -1244,6 +1358,7 @@ impl MapStore {
         make_waiter: impl FnOnce() -> Box<dyn FnOnce(Result<String>) + Send>,
     ) -> Result<NextKey> {
         self.check_open()?;
+        self.handle.check_writable()?;
         let keys = self.table.check_key_format(self.keys)?;
         let take = self.table.sequence().take(|| {
             let notify = make_waiter();
