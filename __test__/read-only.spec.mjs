@@ -2,7 +2,7 @@
 // command line's reading commands open that way, so a store on a read-only mount can be read.
 import test from 'ava'
 import { execFileSync, spawn } from 'node:child_process'
-import { existsSync, readFileSync } from 'node:fs'
+import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { exitOf, kv, kvstore, put, tempDir, tmpfs } from './helpers.mjs'
 
@@ -89,6 +89,7 @@ asRoot('15.12 a store left unclean by a crash on a read-only mount is refused wi
     entry.value = 1
     await commit()
     process.stdout.write('committed\\n')
+    setInterval(() => {}, 60_000) // stay alive until killed
   `
   const child = spawn(process.execPath, ['--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] })
   await new Promise((resolve) => child.stdout.once('data', resolve))
@@ -97,5 +98,32 @@ asRoot('15.12 a store left unclean by a crash on a read-only mount is refused wi
   execFileSync('mount', ['-o', 'remount,ro', dir])
   const ls = await kvstore(['ls', path, '--table', 'jobs'])
   t.is(ls.code, 1)
-  t.regex(ls.stderr, /not closed cleanly and needs a repair/)
+  t.regex(ls.stderr, /needs a repair \(it was not closed cleanly, or it is damaged\).*ERR_DATABASE_CORRUPT/)
+})
+
+test('readOnly beside a read-write handle of this process creates no map and records no codec', async (t) => {
+  const path = join(tempDir(t), 'joined.redb')
+  await writtenStore(path)
+  const rw = await kv.Database.open(path)
+  const ro = await kv.Database.open(path, { readOnly: true })
+  t.teardown(async () => {
+    await ro.close()
+    await rw.close()
+  })
+  t.throws(() => ro.mapStore('audit', { codec: kv.codecs.json }), { instanceOf: kv.InvalidArgumentError, message: /no map 'audit'.*read-only/ })
+  t.throws(() => ro.mapStore('auto', { keys: { width: 4 } }), { instanceOf: kv.InvalidArgumentError })
+  // The writer's own map is its to create, with its codec.
+  const audit = rw.mapStore('audit')
+  await put(audit, 'a', { n: 1 })
+  t.deepEqual(ro.mapStore('audit').getEntry('a')?.value, { n: 1 })
+  t.deepEqual(rw.tables().map((m) => m.name).sort(), ['audit', 'jobs'])
+})
+
+test('a truncated store opened read-only is DatabaseCorruptError, and temporary() refuses readOnly', async (t) => {
+  const dir = tempDir(t)
+  const path = join(dir, 'cut.redb')
+  await writtenStore(path)
+  writeFileSync(path, readFileSync(path).subarray(0, 4096))
+  await t.throwsAsync(kv.Database.open(path, { readOnly: true }), { instanceOf: kv.DatabaseCorruptError })
+  await t.throwsAsync(kv.MapStore.temporary({ readOnly: true }), { instanceOf: kv.InvalidArgumentError, message: /temporary/ })
 })

@@ -146,6 +146,7 @@ export class MapStore<T = unknown> {
 
   /** A store in a fresh temporary directory, removed when the store closes. */
   static async temporary<T = unknown>(options: OpenOptions<T> = {}): Promise<MapStore<T>> {
+    if (options?.readOnly === true) throw new InvalidArgumentError('a temporary store is new and empty: it cannot be opened readOnly')
     const dir = mkdtempSync(join(tmpdir(), 'kvstore-'))
     try {
       return MapStore.#openSync(join(dir, 'store.redb'), options, () => rmSync(dir, { recursive: true, force: true }))

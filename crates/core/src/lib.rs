@@ -15,30 +15,27 @@
 //! ```
 
 mod cache;
-mod commit_queue;
 pub mod envelope;
 mod error;
-mod instance;
+#[cfg(feature = "etcd")]
+pub mod etcd;
+mod file;
 mod keys;
 mod locks;
-mod maintenance;
-pub use maintenance::Backup;
+mod map;
 mod range;
-mod registry;
 mod sequence;
-mod store;
 pub mod typed;
-mod unsynced;
 
 pub use cache::CacheCounts;
-pub use commit_queue::{Change, CommitCallback};
 pub use envelope::Record;
 pub use error::{Error, ErrorCode, Result};
+pub use file::maintenance::Backup;
+pub use file::storage::{Backend, DatabaseOptions, FORMAT_VERSION, MAX_RECORD_BYTES};
+pub use file::store::{check_integrity, Database, EntryGuard, MapStore, PreparedCommit};
 pub use keys::{validate_key, KeyFormat, MAX_KEY_BYTES};
 pub use locks::{Acquire, Grant, GrantCallback, LockCounts, LockToken, OwnerId};
-pub use range::{EntryRange, RangeOptions, RawEntry};
-pub use store::{
-    check_integrity, Backend, CommitOptions, Database, DatabaseOptions, EntryGuard, LockMode,
-    LockedEntry, MapOptions, MapStats, MapStore, NextKey, PreparedCommit, FORMAT_VERSION,
-    MAX_RECORD_BYTES,
+pub use map::{
+    Change, CommitCallback, CommitOptions, LockMode, LockedEntry, MapOptions, MapStats, NextKey,
 };
+pub use range::{EntryRange, RangeOptions, RawEntry};

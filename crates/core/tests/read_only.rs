@@ -56,10 +56,10 @@ fn reads_work_and_changes_are_refused_without_touching_the_file() {
         ErrorCode::InvalidArgument
     );
 
-    // A map the file does not have reads as empty and is not created.
-    let absent = db.map_store("absent", MapOptions::default()).unwrap();
-    assert_eq!(absent.count(&RangeOptions::default()).unwrap(), 0);
-    assert!(absent.get_record("x").unwrap().is_none());
+    // A map the file does not have is refused, not created.
+    let absent = db.map_store("absent", MapOptions::default()).err().unwrap();
+    assert_eq!(absent.code(), ErrorCode::InvalidArgument);
+    assert!(absent.to_string().contains("no map 'absent'"), "{absent}");
 
     // A backup reads: it works.
     let copy = dir.path().join("copy.redb");
@@ -131,8 +131,24 @@ fn a_read_only_handle_joins_a_writable_file_and_sees_its_commits() {
         read.lock("new", LockMode::Any, None).err().unwrap().code(),
         ErrorCode::InvalidArgument
     );
+    // A read-only handle joining a writable file creates no map either (hostile test: it used
+    // to record its codec, and the writer's own map then failed with CodecMismatch).
+    let before = std::fs::read(&path).unwrap();
+    let json = MapOptions {
+        codec: "json".into(),
+        ..MapOptions::default()
+    };
+    let refused = reader.map_store("audit", json).err().unwrap();
+    assert_eq!(refused.code(), ErrorCode::InvalidArgument);
+    assert!(writer.map_store("audit", MapOptions::default()).is_ok());
+    assert!(reader
+        .tables()
+        .unwrap()
+        .iter()
+        .any(|(name, codec)| name == "audit" && codec == "raw"));
     reader.close();
     writer.close();
+    drop(before);
 }
 
 #[test]

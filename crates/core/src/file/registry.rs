@@ -8,9 +8,9 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
-use crate::commit_queue::current_writer;
 use crate::error::{Error, Result};
-use crate::store::Shared;
+use crate::file::commit_queue::current_writer;
+use crate::file::shared::Shared;
 
 /// Identity of an existing file (device, inode), so two links to it find one core.
 type FileId = (u64, u64);

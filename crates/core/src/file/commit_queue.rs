@@ -14,22 +14,12 @@ use std::time::{Duration, Instant};
 use redb::{Durability, TableDefinition};
 
 use crate::error::{from_redb, Error, Result};
+use crate::file::storage::{StoreFile, TableState, META_TABLE};
 use crate::locks::LockToken;
-use crate::store::{StoreFile, TableState, META_TABLE};
-
-/// Called exactly once with the outcome of one commit, on the writer (or on a thread writing a
-/// batch inline). It must not wait for the store: the blocking calls (`lock` of a held key,
-/// `EntryGuard::commit`, `compact`, waiting for an auto key) refuse there with
-/// `InvalidArgument` instead of deadlocking.
-pub type CommitCallback = Box<dyn FnOnce(Result<()>) + Send>;
+use crate::map::{Change, CommitCallback};
 
 /// Most commits that share one transaction; bounds the latency of the first in a batch.
 const MAX_BATCH: usize = 8192;
-
-pub enum Change {
-    Put(Arc<[u8]>),
-    Delete,
-}
 
 pub(crate) struct CommitJob {
     pub table: Arc<TableState>,

@@ -4,131 +4,20 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::Arc;
 
 use redb::backends::FileBackend;
 use redb::{ReadableTable, TableDefinition, TableHandle};
 
-use crate::error::{from_redb, Error, Result};
-use crate::instance::Instance;
-use crate::store::{StoreFile, META_TABLE};
+use crate::cache::EntryCache;
+use crate::error::{from_redb, Error, ErrorCode, Result};
+use crate::file::backups::BackupTicket;
+use crate::file::instance::Instance;
+use crate::file::storage::{StoreFile, META_TABLE};
 
 /// Entries copied per write transaction of a backup, so a large copy does not build one huge
 /// transaction in memory.
 const BACKUP_CHUNK: usize = 10_000;
-
-/// The backups of one file. Closing the file, or reopening it after an I/O error, ends them
-/// first: a copy under way is stopped and waited for (it holds the redb instance, and with it
-/// the file lock), and a backup begun but not yet run fails when run. Compaction refuses while
-/// any backup is begun.
-#[derive(Default)]
-pub(crate) struct BackupGate {
-    state: Mutex<GateState>,
-    ended: Condvar,
-    /// Bumped to end every backup; each compares it with the value it began under.
-    epoch: AtomicU64,
-}
-
-#[derive(Default)]
-struct GateState {
-    /// Backups begun and not yet dropped.
-    begun: usize,
-    /// Backups copying now (each holds the instance).
-    running: usize,
-    /// Why the backups of an earlier epoch were ended.
-    reason: Option<Error>,
-}
-
-impl BackupGate {
-    fn state(&self) -> MutexGuard<'_, GateState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(crate) fn begun(&self) -> usize {
-        self.state().begun
-    }
-
-    /// Ends every backup with `reason` and waits until no copy holds the instance.
-    pub(crate) fn end_all(&self, reason: Error) {
-        let mut state = self.state();
-        if state.begun == 0 {
-            return;
-        }
-        state.reason = Some(reason);
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        while state.running > 0 {
-            state = self.ended.wait(state).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    /// Call with the instance slot locked (see `StoreFile::db_for_backup`), so a close or
-    /// recovery, which takes the slot first, either ends this backup or is not yet begun.
-    pub(crate) fn enter(self: &Arc<Self>, db: &Arc<Instance>) -> BackupTicket {
-        self.state().begun += 1;
-        BackupTicket {
-            gate: self.clone(),
-            epoch: self.epoch.load(Ordering::SeqCst),
-            db: Arc::downgrade(db),
-        }
-    }
-}
-
-/// One begun backup's place in its file's [`BackupGate`]. It holds the instance only weakly
-/// until the copy starts, so closing the store never waits for a backup that is not running.
-pub(crate) struct BackupTicket {
-    gate: Arc<BackupGate>,
-    epoch: u64,
-    db: Weak<Instance>,
-}
-
-impl BackupTicket {
-    fn ended(&self, state: &GateState) -> Option<Error> {
-        (self.gate.epoch.load(Ordering::SeqCst) != self.epoch)
-            .then(|| state.reason.clone().unwrap_or(Error::StoreClosed))
-    }
-
-    /// Fails once the backup has been ended by a close or a recovery.
-    fn check(&self) -> Result<()> {
-        self.ended(&self.gate.state()).map_or(Ok(()), Err)
-    }
-
-    /// Starts the copy: the instance, held until the returned guard drops.
-    fn start(&self) -> Result<Copying<'_>> {
-        let mut state = self.gate.state();
-        if let Some(err) = self.ended(&state) {
-            return Err(err);
-        }
-        let db = self.db.upgrade().ok_or(Error::StoreClosed)?;
-        state.running += 1;
-        Ok(Copying {
-            ticket: self,
-            _db: Some(db),
-        })
-    }
-}
-
-impl Drop for BackupTicket {
-    fn drop(&mut self) {
-        self.gate.state().begun -= 1;
-    }
-}
-
-/// A copy under way; dropping it lets go of the instance and wakes a close that waits.
-struct Copying<'a> {
-    ticket: &'a BackupTicket,
-    _db: Option<Arc<Instance>>,
-}
-
-impl Drop for Copying<'_> {
-    fn drop(&mut self) {
-        let gate = &self.ticket.gate;
-        let mut state = gate.state();
-        // Let go of the instance before the count says so.
-        drop(self._db.take());
-        state.running -= 1;
-        gate.ended.notify_all();
-    }
-}
 
 /// A backup whose snapshot is taken: [`Backup::run`] copies it, on any thread. Closing the
 /// store (or its reopening after an I/O error) ends the copy with that reason.
@@ -142,7 +31,7 @@ pub struct Backup {
 /// Takes the snapshot a backup will copy. Writers are not held up (MVCC).
 pub(crate) fn begin_backup(file: &StoreFile, dest: &Path) -> Result<Backup> {
     let source = file.path().to_string();
-    crate::store::check_path(dest, "a backup destination")?;
+    crate::file::storage::check_path(dest, "a backup destination")?;
     if std::fs::symlink_metadata(dest).is_ok() {
         return Err(Error::invalid(format!(
             "backup destination '{}' already exists",
@@ -323,11 +212,31 @@ pub(crate) fn tables(file: &StoreFile) -> Result<Vec<(String, String)>> {
     Ok(found)
 }
 
+/// Compacts the file. Call on the writer, between batches.
+pub(crate) fn compact(file: &StoreFile) -> Result<bool> {
+    let mut slot = file.lock_slot(EntryCache::refuse_snapshots);
+    let compacted = crate::error::guard_damage(file.path(), || {
+        if slot.is_none() {
+            // A failed reopen left it empty: try again, as any reader would.
+            *slot = Some(file.reopen()?);
+        }
+        compact_in_slot(file, &mut slot)
+    });
+    if let Err(err) = &compacted {
+        if matches!(err.code(), ErrorCode::Io | ErrorCode::DatabaseCorrupt) {
+            // redb refuses all I/O after a failed write: the writer reopens the file before its
+            // next batch.
+            file.mark_read_failed();
+        }
+    }
+    compacted
+}
+
 /// Compacts the file in place. Runs on the writer between batches, so no commit is in flight,
 /// with the instance slot locked (readers wait): it refuses at once while a backup or a walk
 /// (`getEntries`) is open, and otherwise waits only for reads already under way, which take
 /// microseconds.
-pub(crate) fn compact(file: &StoreFile, slot: &mut Option<Arc<Instance>>) -> Result<bool> {
+fn compact_in_slot(file: &StoreFile, slot: &mut Option<Arc<Instance>>) -> Result<bool> {
     let busy = || -> Option<Error> {
         if file.backups().begun() > 0 {
             return Some(Error::invalid(
@@ -345,7 +254,7 @@ pub(crate) fn compact(file: &StoreFile, slot: &mut Option<Arc<Instance>>) -> Res
         return Err(err);
     }
     if slot.as_ref().is_some_and(|db| db.is_read_only()) {
-        return Err(crate::instance::read_only(file.path()));
+        return Err(crate::file::instance::read_only(file.path()));
     }
     let mut shared = slot.take().ok_or(Error::StoreClosed)?;
     let mut tries = 0;
