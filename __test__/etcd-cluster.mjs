@@ -132,7 +132,7 @@ class Member {
         if (ready) return
         ready = true
         clearTimeout(timer)
-        reject(new Error(`etcd member ${this.name} ${why}; last lines of ${this.logPath}:\n${this.tail.join('\n')}`))
+        reject(new Error(`etcd member ${this.name} ${why}; the last lines of its log:\n${this.tail.join('\n')}`))
       }
       const timer = setTimeout(() => {
         fail(`was not ready after ${READY_TIMEOUT_MS} ms`)

@@ -120,9 +120,8 @@ impl Member {
         };
         let tail: Vec<String> = self.tail.lock().unwrap().iter().cloned().collect();
         format!(
-            "etcd member {} {why}; last lines of {}:\n{}",
+            "etcd member {} {why}; the last lines of its log:\n{}",
             self.name,
-            self.log.display(),
             tail.join("\n")
         )
     }
