@@ -23,10 +23,13 @@ pub enum ErrorCode {
     StoreClosed,
     InvalidArgument,
     Io,
+    LockLost,
+    Unavailable,
+    PermissionDenied,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::EntryExists,
         ErrorCode::EntryNotFound,
         ErrorCode::EntryDeleted,
@@ -42,6 +45,9 @@ impl ErrorCode {
         ErrorCode::StoreClosed,
         ErrorCode::InvalidArgument,
         ErrorCode::Io,
+        ErrorCode::LockLost,
+        ErrorCode::Unavailable,
+        ErrorCode::PermissionDenied,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -61,6 +67,9 @@ impl ErrorCode {
             ErrorCode::StoreClosed => "ERR_STORE_CLOSED",
             ErrorCode::InvalidArgument => "ERR_INVALID_ARGUMENT",
             ErrorCode::Io => "ERR_IO",
+            ErrorCode::LockLost => "ERR_LOCK_LOST",
+            ErrorCode::Unavailable => "ERR_UNAVAILABLE",
+            ErrorCode::PermissionDenied => "ERR_PERMISSION_DENIED",
         }
     }
 }
@@ -116,6 +125,18 @@ pub enum Error {
         errno: Option<i32>,
         message: String,
     },
+    /// The commit's fence failed (etcd backend): the session lease expired or the lock key is
+    /// gone, so another process may hold the lock. Nothing was written.
+    #[error("the lock on '{key}' was lost (its etcd session expired or its lock key is gone); nothing was written")]
+    LockLost { key: String },
+    /// The etcd cluster gave no answer (or had no quorum) within the request timeout, or its
+    /// endpoints are unreachable. The message says whether the call wrote nothing or its
+    /// outcome is unknown.
+    #[error("{message}")]
+    Unavailable { message: String },
+    /// etcd refused the credentials, or the user has no permission on the prefix.
+    #[error("{message}")]
+    PermissionDenied { message: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -137,6 +158,9 @@ impl Error {
             Error::StoreClosed => ErrorCode::StoreClosed,
             Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Error::Io { .. } => ErrorCode::Io,
+            Error::LockLost { .. } => ErrorCode::LockLost,
+            Error::Unavailable { .. } => ErrorCode::Unavailable,
+            Error::PermissionDenied { .. } => ErrorCode::PermissionDenied,
         }
     }
 

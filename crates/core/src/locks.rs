@@ -147,6 +147,11 @@ impl LockTable {
             .is_some_and(|lock| lock.token == token)
     }
 
+    /// Whether anyone holds `key`'s lock.
+    pub fn is_locked(&self, key: &str) -> bool {
+        self.state().keys.contains_key(key)
+    }
+
     /// Hands the lock to the next waiter, or frees the key. Fails if `token` does not hold it.
     pub fn release(&self, key: &str, token: LockToken, after_delete: bool) -> Result<()> {
         let handed = {

@@ -76,6 +76,18 @@ impl KeySequence {
         (served, again)
     }
 
+    /// As [`KeySequence::leased`], for a lease of `[start, until)` taken from a counter that
+    /// other processes lease from too (etcd): numbers below `start` may be theirs, so the
+    /// waiters are served from `start` on.
+    pub fn leased_from(
+        &mut self,
+        start: u64,
+        until: u64,
+    ) -> (Vec<(NumberCallback, u64)>, Option<u64>) {
+        self.next = self.next.max(start);
+        self.leased(until)
+    }
+
     /// At a clean close: the first number not handed out, when the lease reaches further, so
     /// the rest of the lease goes back to the file and the next open continues from there.
     pub fn give_back(&mut self) -> Option<u64> {

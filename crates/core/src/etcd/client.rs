@@ -1,0 +1,330 @@
+//! The connection to the cluster: the process-wide runtime, the etcd client, and every request
+//! bounded by the request timeout, retried across members while time remains, with etcd's and
+//! tonic's errors mapped to the crate's.
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, ConnectOptions, KvClient, LeaseClient, WatchClient};
+
+use crate::error::{Error, Result};
+
+use super::url::ClusterUrl;
+use super::ClusterOptions;
+
+/// etcd's default `--max-request-bytes` (1.5 MiB): a request larger than this is refused.
+pub const MAX_REQUEST_BYTES: usize = 3 << 19;
+/// Room kept in a request for everything but the record itself (keys, compares, framing).
+pub const REQUEST_OVERHEAD: usize = 16 << 10;
+/// Responses (a page of the prefix, a watch batch) may be larger than tonic's 4 MiB default.
+const MAX_DECODING_BYTES: usize = 256 << 20;
+/// Keys per page when a range is read whole.
+const PAGE: i64 = 2000;
+
+/// The runtime of every etcd core in the process: two worker threads, made on first use.
+pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kvstore-etcd")
+            .enable_all()
+            .build()
+            .expect("start the etcd runtime")
+    })
+}
+
+/// Runs `fut` to completion from a thread outside the runtime. A runtime thread (a callback of
+/// this backend) must not block: that is refused, naming `what`.
+pub(crate) fn block_on<T>(what: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+    refuse_on_runtime(what)?;
+    runtime().block_on(fut)
+}
+
+/// A blocking call on a runtime thread would wait for the thread it blocks: refused.
+pub(crate) fn refuse_on_runtime(what: &str) -> Result<()> {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return Err(Error::invalid(format!(
+            "cannot {what} and wait inside a callback of the etcd backend (or any tokio \
+             runtime thread); use the callback-taking calls or another thread"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a failed request may have changed something in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Effect {
+    /// A read, or a write known not to have been applied.
+    Nothing,
+    /// A write that was sent and may have been applied.
+    Unknown,
+}
+
+/// How to treat an error from the client.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// No member answered, the leader changed, no quorum: worth trying again.
+    Transient,
+    Denied,
+    TooLarge,
+    NoSpace,
+    Compacted,
+    Other,
+}
+
+/// The error with everything it wraps, for a message that names the real cause (a refused
+/// certificate, a refused connection).
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
+pub(crate) fn classify(err: &etcd_client::Error) -> (Kind, String) {
+    use etcd_client::Error as E;
+    use tonic::Code;
+    match err {
+        E::GRpcStatus(status) => {
+            let message = status.message().to_string();
+            let lower = message.to_lowercase();
+            let kind = if lower.contains("compacted") {
+                Kind::Compacted
+            } else if lower.contains("request is too large")
+                || lower.contains("too many operations")
+                || lower.contains("message length too large")
+                || lower.contains("larger than max")
+            {
+                Kind::TooLarge
+            } else if lower.contains("database space exceeded") {
+                Kind::NoSpace
+            } else if lower.contains("authentication failed")
+                || lower.contains("permission denied")
+                || lower.contains("invalid auth token")
+                || lower.contains("user name is empty")
+                || lower.contains("authentication is not enabled")
+            {
+                Kind::Denied
+            } else {
+                match status.code() {
+                    Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::Cancelled
+                    | Code::Aborted => Kind::Transient,
+                    Code::PermissionDenied | Code::Unauthenticated => Kind::Denied,
+                    Code::ResourceExhausted => Kind::TooLarge,
+                    Code::Unknown if lower.contains("transport") || lower.contains("connect") => {
+                        Kind::Transient
+                    }
+                    _ => Kind::Other,
+                }
+            };
+            let detail = match std::error::Error::source(status) {
+                Some(source) => format!("{message} ({})", chain(source)),
+                None => message,
+            };
+            (kind, detail)
+        }
+        E::TransportError(e) => (Kind::Transient, chain(e)),
+        E::IoError(e) => (Kind::Transient, chain(e)),
+        E::LeaseKeepAliveError(e) | E::WatchError(e) => (Kind::Transient, e.clone()),
+        other => (Kind::Other, chain(other)),
+    }
+}
+
+/// The crate's error for a failed request about `what`.
+pub(crate) fn map_error(err: &etcd_client::Error, what: &str, effect: Effect) -> Error {
+    let (kind, detail) = classify(err);
+    match kind {
+        Kind::Denied => Error::PermissionDenied {
+            message: format!("etcd refused {what}: {detail}"),
+        },
+        Kind::TooLarge => Error::invalid(format!(
+            "etcd refused {what} as too large ({detail}); the cluster's request limit is \
+             --max-request-bytes (1.5 MiB by default) and at most 128 operations per transaction"
+        )),
+        Kind::NoSpace => Error::Io {
+            errno: None,
+            message: format!(
+                "etcd refused {what}: the cluster is out of space ({detail}); compact and \
+                 defragment it, or raise --quota-backend-bytes"
+            ),
+        },
+        Kind::Transient | Kind::Compacted | Kind::Other => unavailable(what, effect, &detail),
+    }
+}
+
+pub(crate) fn unavailable(what: &str, effect: Effect, detail: &str) -> Error {
+    let outcome = match effect {
+        Effect::Nothing => "nothing was written",
+        Effect::Unknown => "its outcome is unknown (it may or may not have been written)",
+    };
+    Error::Unavailable {
+        message: format!("etcd did not complete {what} ({detail}); {outcome}"),
+    }
+}
+
+/// The cluster client of one core.
+#[derive(Clone)]
+pub(crate) struct Cluster {
+    pub kv: KvClient,
+    pub watch: WatchClient,
+    pub lease: LeaseClient,
+    pub timeout: Duration,
+}
+
+impl Cluster {
+    pub async fn connect(url: &ClusterUrl, options: &ClusterOptions) -> Result<Cluster> {
+        let timeout = options.request_timeout;
+        let keep_alive = (timeout / 2).max(Duration::from_millis(500));
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_keep_alive(keep_alive, timeout)
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true)
+            .with_auto_token_refresh(true);
+        if let Some((user, password)) = &options.auth {
+            connect = connect.with_user(user.clone(), password.clone());
+        }
+        if url.tls {
+            let mut tls = etcd_client::TlsOptions::new();
+            if let Some(tls_options) = &options.tls {
+                if let Some(ca) = &tls_options.ca {
+                    tls = tls.ca_certificate(etcd_client::Certificate::from_pem(ca.clone()));
+                }
+                match (&tls_options.cert, &tls_options.key) {
+                    (Some(cert), Some(key)) => {
+                        tls =
+                            tls.identity(etcd_client::Identity::from_pem(cert.clone(), key.clone()))
+                    }
+                    (None, None) => {}
+                    _ => {
+                        return Err(Error::invalid(
+                            "tls.cert and tls.key must be given together",
+                        ))
+                    }
+                }
+            }
+            connect = connect.with_tls(tls);
+        } else if options.tls.is_some() {
+            return Err(Error::invalid(
+                "tls options need an etcds:// URL (etcd:// connects without TLS)",
+            ));
+        }
+        let endpoints = url.client_endpoints();
+        let what = format!("the connection to {}", url.endpoints.join(","));
+        let client =
+            match tokio::time::timeout(timeout, Client::connect(endpoints, Some(connect))).await {
+                Ok(Ok(client)) => client,
+                Ok(Err(err)) => return Err(map_error(&err, &what, Effect::Nothing)),
+                Err(_) => {
+                    return Err(unavailable(
+                        &what,
+                        Effect::Nothing,
+                        &format!("no answer within {timeout:?}"),
+                    ))
+                }
+            };
+        Ok(Cluster {
+            kv: client
+                .kv_client()
+                .max_decoding_message_size(MAX_DECODING_BYTES),
+            watch: client
+                .watch_client()
+                .max_decoding_message_size(MAX_DECODING_BYTES),
+            lease: client.lease_client(),
+            timeout,
+        })
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the request timeout has passed
+    /// since the first try; transient failures (a member gone, a leader election) are tried
+    /// again, on whichever member answers. `effect` is what a failure of a write may have done.
+    pub async fn call<T, F, Fut>(&self, what: &str, effect: Effect, mut attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(20);
+        let mut last = String::from("no answer");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(unavailable(
+                    what,
+                    effect,
+                    &format!("no answer within {:?}; last: {last}", self.timeout),
+                ));
+            }
+            match tokio::time::timeout(left, attempt()).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(err)) => {
+                    let (kind, detail) = classify(&err);
+                    if kind != Kind::Transient {
+                        return Err(map_error(&err, what, effect));
+                    }
+                    last = detail;
+                }
+                Err(_) => {
+                    return Err(unavailable(
+                        what,
+                        effect,
+                        &format!("no answer within {:?}; last: {last}", self.timeout),
+                    ))
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(pause.min(left)).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Reads `[start, end)` page by page at one revision; returns that revision.
+    pub async fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        mut each: impl FnMut(&etcd_client::KeyValue),
+    ) -> Result<i64> {
+        let mut from = start.to_vec();
+        let mut revision = 0;
+        loop {
+            let mut options = etcd_client::GetOptions::new()
+                .with_range(end.to_vec())
+                .with_limit(PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let page = self
+                .call("reading the prefix", Effect::Nothing, || {
+                    let mut kv = self.kv.clone();
+                    let (from, options) = (from.clone(), options.clone());
+                    async move { kv.get(from, Some(options)).await }
+                })
+                .await?;
+            if revision == 0 {
+                revision = page.header().map_or(0, |h| h.revision());
+            }
+            for kv in page.kvs() {
+                each(kv);
+            }
+            match page.kvs().last() {
+                Some(last) if page.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(revision),
+            }
+        }
+    }
+}

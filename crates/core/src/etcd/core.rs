@@ -1,0 +1,392 @@
+//! The core shared by every handle of one cluster and prefix in the process: the client, the
+//! session, the replica, the tables' locks and key sequences, and the committer.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+
+use crate::error::{Error, Result};
+use crate::keys::KeyFormat;
+use crate::sequence::KeySequence;
+use crate::MapOptions;
+
+use super::client::{runtime, Cluster, Effect};
+use super::commits::{CommitQueue, CommitStats};
+use super::layout::{prefix_end, unescape_table, Layout, Parsed, LAYOUT_VERSION};
+use super::locks::KeyLocks;
+use super::replica::{NamedSnapshot, Replica, Snapshot};
+use super::session::Session;
+use super::url::ClusterUrl;
+use super::ClusterOptions;
+
+/// One map's shared state in this process.
+pub(crate) struct TableState {
+    pub name: String,
+    pub codec: String,
+    pub locks: KeyLocks,
+    /// The format auto keys are generated in: recorded in the cluster, else set by the first
+    /// opener here that generates one.
+    key_format: Mutex<Option<KeyFormat>>,
+    pub sequence: Mutex<KeySequence>,
+    /// The end of this process's last lease, and the mod revision it wrote the counter at
+    /// (a clean close gives the rest back only if nobody leased after it).
+    pub lease: Mutex<(u64, i64)>,
+}
+
+impl TableState {
+    pub fn sequence(&self) -> MutexGuard<'_, KeySequence> {
+        self.sequence.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn lease(&self) -> MutexGuard<'_, (u64, i64)> {
+        self.lease.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The format to generate keys in for an opener that asked for `wanted`.
+    pub fn check_key_format(&self, wanted: KeyFormat) -> Result<KeyFormat> {
+        let mut format = self.key_format.lock().unwrap_or_else(|p| p.into_inner());
+        match *format {
+            Some(recorded) if recorded != wanted => Err(Error::invalid(format!(
+                "table '{}' generates auto keys of width {} in base {}; this store was opened \
+                 with width {} in base {}",
+                self.name, recorded.width, recorded.base, wanted.width, wanted.base
+            ))),
+            _ => Ok(*format.get_or_insert(wanted)),
+        }
+    }
+}
+
+pub(crate) struct Core {
+    pub url: ClusterUrl,
+    pub layout: Layout,
+    pub cluster: Cluster,
+    pub session: Arc<Session>,
+    pub replica: Arc<Replica>,
+    tables: Mutex<HashMap<String, Arc<TableState>>>,
+    pub commits: CommitQueue,
+    pub stats: Arc<CommitStats>,
+    closed: AtomicBool,
+}
+
+impl Core {
+    /// Connects, checks the layout version, starts the session and reads the replica.
+    pub async fn open(url: ClusterUrl, options: &ClusterOptions) -> Result<Arc<Core>> {
+        let cluster = Cluster::connect(&url, options).await?;
+        let layout = Layout::new(&url.prefix);
+        check_format(&cluster, &layout, &url).await?;
+        let session = Session::start(cluster.clone(), options.session_ttl).await?;
+        let replica = Arc::new(Replica::new(layout.clone()));
+        if let Err(err) = replica.load(&cluster).await {
+            session.close().await;
+            return Err(err);
+        }
+        let stats = Arc::new(CommitStats::default());
+        let core = Arc::new_cyclic(|weak| Core {
+            commits: CommitQueue::start(weak.clone(), stats.clone()),
+            url,
+            layout,
+            cluster: cluster.clone(),
+            session: session.clone(),
+            replica: replica.clone(),
+            tables: Mutex::default(),
+            stats,
+            closed: AtomicBool::new(false),
+        });
+        runtime().spawn(session.keep_alive());
+        let weak = Arc::downgrade(&core);
+        runtime().spawn(replica.run(cluster, move |deleted| {
+            if let Some(core) = weak.upgrade() {
+                core.lock_keys_deleted(deleted);
+            }
+        }));
+        Ok(core)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn lock_keys_deleted(&self, deleted: Vec<super::replica::LockDeleted>) {
+        for (table, key, lease, revision) in deleted {
+            if !self.session.is_ours(lease) {
+                continue;
+            }
+            let state = self.tables().get(&table).cloned();
+            if let Some(state) = state {
+                state.locks.etcd_key_deleted(&key, lease, revision);
+            }
+        }
+    }
+
+    fn tables(&self) -> MutexGuard<'_, HashMap<String, Arc<TableState>>> {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn all_tables(&self) -> Vec<Arc<TableState>> {
+        self.tables().values().cloned().collect()
+    }
+
+    /// The table's state, recording its codec in the cluster on first use.
+    pub async fn table(&self, name: &str, options: &MapOptions) -> Result<Arc<TableState>> {
+        if let Some(table) = self.tables().get(name) {
+            if table.codec != options.codec {
+                return Err(Error::CodecMismatch {
+                    table: name.into(),
+                    stored: table.codec.clone(),
+                    requested: options.codec.clone(),
+                });
+            }
+            return Ok(table.clone());
+        }
+        let codec_key = self.layout.codec_key(name);
+        let seq_key = self.layout.seq_key(name);
+        let keys_key = self.layout.keys_key(name);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                codec_key.clone(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([
+                TxnOp::put(codec_key.clone(), options.codec.clone(), None),
+                TxnOp::get(seq_key.clone(), None),
+                TxnOp::get(keys_key.clone(), None),
+            ])
+            .or_else([
+                TxnOp::get(codec_key, None),
+                TxnOp::get(seq_key, None),
+                TxnOp::get(keys_key, None),
+            ]);
+        let answer = self
+            .cluster
+            .call(&format!("opening map '{name}'"), Effect::Unknown, || {
+                let mut kv = self.cluster.kv.clone();
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await?;
+        let values: Vec<Option<Vec<u8>>> = answer
+            .op_responses()
+            .into_iter()
+            .map(|op| match op {
+                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+                _ => None,
+            })
+            .collect();
+        if !answer.succeeded() {
+            let stored = String::from_utf8_lossy(values[0].as_deref().unwrap_or_default());
+            if stored != options.codec {
+                return Err(Error::CodecMismatch {
+                    table: name.into(),
+                    stored: stored.into_owned(),
+                    requested: options.codec.clone(),
+                });
+            }
+        }
+        let leased_until = values[1]
+            .as_deref()
+            .map(|v| parse_counter(v, name))
+            .transpose()?
+            .unwrap_or(0);
+        let key_format = values[2].as_deref().and_then(KeyFormat::decode);
+        let mut tables = self.tables();
+        // Another thread may have opened it meanwhile: use the first.
+        let table = tables.entry(name.to_string()).or_insert_with(|| {
+            Arc::new(TableState {
+                name: name.to_string(),
+                codec: options.codec.clone(),
+                locks: KeyLocks::new(),
+                key_format: Mutex::new(key_format),
+                sequence: Mutex::new(KeySequence::new(leased_until, options.bandwidth)),
+                lease: Mutex::new((leased_until, 0)),
+            })
+        });
+        if table.codec != options.codec {
+            return Err(Error::CodecMismatch {
+                table: name.into(),
+                stored: table.codec.clone(),
+                requested: options.codec.clone(),
+            });
+        }
+        Ok(table.clone())
+    }
+
+    /// The maps recorded under the prefix, with their codecs.
+    pub async fn list_tables(&self) -> Result<Vec<(String, String)>> {
+        let prefix = self.layout.codec_prefix();
+        let answer = self
+            .cluster
+            .call("listing the maps", Effect::Nothing, || {
+                let mut kv = self.cluster.kv.clone();
+                let prefix = prefix.clone();
+                async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        let mut tables: Vec<(String, String)> = answer
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let name = &kv.key()[prefix.len()..];
+                (
+                    unescape_table(&String::from_utf8_lossy(name)),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                )
+            })
+            .collect();
+        tables.sort();
+        Ok(tables)
+    }
+
+    /// A write that every replica sees: once the replica has it, it has everything committed
+    /// anywhere before. Returns its revision.
+    pub async fn barrier_revision(&self) -> Result<i64> {
+        let key = format!("{}meta/sync", self.layout.root());
+        let answer = self
+            .cluster
+            .call("syncing with the cluster", Effect::Nothing, || {
+                let mut kv = self.cluster.kv.clone();
+                let key = key.clone();
+                async move { kv.put(key, "", None).await }
+            })
+            .await?;
+        let revision = answer.header().map_or(0, |h| h.revision());
+        self.replica.saw_revision(revision);
+        Ok(revision)
+    }
+
+    /// Waits until the replica holds everything committed anywhere before the call.
+    pub async fn sync(&self) -> Result<()> {
+        let revision = self.barrier_revision().await?;
+        let reached = self.replica.reached(revision);
+        match tokio::time::timeout(self.cluster.timeout, reached).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Error::StoreClosed),
+            Err(_) => Err(Error::Unavailable {
+                message: format!(
+                    "the replica did not reach revision {revision} within {:?} (the watch \
+                     is behind or disconnected); nothing was written",
+                    self.cluster.timeout
+                ),
+            }),
+        }
+    }
+
+    /// Compacts the cluster's history up to its current revision.
+    pub async fn compact(&self) -> Result<()> {
+        let revision = self.barrier_revision().await?;
+        let compacted = self
+            .cluster
+            .call("compacting the history", Effect::Nothing, || {
+                let mut kv = self.cluster.kv.clone();
+                async move { kv.compact(revision, None).await }
+            })
+            .await;
+        match compacted {
+            Ok(_) => Ok(()),
+            // Compacted up to here or beyond already.
+            Err(Error::Unavailable { message }) if message.contains("compacted") => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Every map, read from the cluster at one revision.
+    pub async fn snapshot_all(&self) -> Result<(i64, Vec<NamedSnapshot>)> {
+        let root = self.layout.root().as_bytes().to_vec();
+        let mut maps: HashMap<String, Snapshot> = HashMap::new();
+        let mut codecs: HashMap<String, String> = HashMap::new();
+        let codec_prefix = self.layout.codec_prefix();
+        let revision = self
+            .cluster
+            .scan(&root, &prefix_end(&root), |kv| {
+                if let Some(name) = kv.key().strip_prefix(codec_prefix.as_bytes()) {
+                    codecs.insert(
+                        unescape_table(&String::from_utf8_lossy(name)),
+                        String::from_utf8_lossy(kv.value()).into_owned(),
+                    );
+                } else if let Parsed::Data { table, key } = self.layout.parse(kv.key()) {
+                    maps.entry(table)
+                        .or_default()
+                        .insert(key, Arc::from(kv.value()));
+                }
+            })
+            .await?;
+        let mut all: Vec<NamedSnapshot> = codecs
+            .into_iter()
+            .map(|(name, codec)| {
+                let map = maps.remove(&name).unwrap_or_default();
+                (name, codec, map)
+            })
+            .collect();
+        // Data of a map without a recorded codec (written by hand) still comes along.
+        all.extend(
+            maps.into_iter()
+                .map(|(name, map)| (name, "raw".to_string(), map)),
+        );
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((revision, all))
+    }
+
+    /// The last handle closed: give back unused auto keys, stop the committer, revoke the
+    /// session (every lock key of this process goes with it) and stop the watch.
+    pub async fn shutdown(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for table in self.all_tables() {
+            super::autokeys::give_back(self, &table).await;
+        }
+        self.commits.stop().await;
+        self.session.close().await;
+        self.replica.close();
+    }
+}
+
+pub(crate) fn parse_counter(value: &[u8], table: &str) -> Result<u64> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::DatabaseCorrupt {
+            path: table.to_string(),
+            detail: format!(
+                "the auto-key counter of map '{table}' is not a number: {:?}",
+                String::from_utf8_lossy(value)
+            ),
+        })
+}
+
+/// Records the layout version under the prefix, or checks the one recorded.
+async fn check_format(cluster: &Cluster, layout: &Layout, url: &ClusterUrl) -> Result<()> {
+    let key = layout.format_key();
+    let txn = Txn::new()
+        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            key.clone(),
+            LAYOUT_VERSION,
+            Some(PutOptions::new()),
+        )])
+        .or_else([TxnOp::get(key, None)]);
+    let answer = cluster
+        .call("opening the store", Effect::Unknown, || {
+            let mut kv = cluster.kv.clone();
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await?;
+    if answer.succeeded() {
+        return Ok(());
+    }
+    let stored = answer.op_responses().into_iter().find_map(|op| match op {
+        TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+        _ => None,
+    });
+    match stored.as_deref() {
+        Some(v) if v == LAYOUT_VERSION.as_bytes() => Ok(()),
+        other => Err(Error::DatabaseCorrupt {
+            path: url.normalized(),
+            detail: format!(
+                "kvstore etcd layout {:?} is not supported (this build reads {LAYOUT_VERSION})",
+                String::from_utf8_lossy(other.unwrap_or_default())
+            ),
+        }),
+    }
+}

@@ -1,0 +1,623 @@
+//! Locks across processes. In front, the crate's in-process FIFO [`LockTable`]: it decides which
+//! handle of this process holds a key. Behind it, one etcd lock key per *process* per key,
+//! taken with etcd's mutex recipe (`P/lock/<t>/<hex(key)>/<lease>`, attached to the session
+//! lease; the oldest key by create revision holds the lock, the others wait for the deletion of
+//! the key just before theirs). A local grant is handed to the caller only once the process
+//! holds the etcd key; a local holder hands the lock to the next local waiter without a round
+//! trip, keeping the etcd key; a key released with no local waiter has its etcd key deleted.
+//!
+//! Fairness trade-off: a process keeps a hot key for as long as it has local waiters for it, so
+//! another process waits until this process's local queue for the key runs dry (or its session
+//! ends). Within a process waiters are served first come, first served; across processes the
+//! etcd queue is FIFO by the time each process first asked.
+//!
+//! One task per key ("driver", at most one at a time) does every etcd step of that key in
+//! sequence, so a deletion of the etcd key never races a later acquisition of it. The fence of
+//! a commit is the create revision of the process's lock key.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp};
+use tokio::sync::Notify;
+
+use crate::error::{Error, Result};
+use crate::locks::{Acquire, Grant, GrantCallback, LockTable, LockToken, OwnerId};
+
+use super::client::{runtime, Effect};
+use super::core::{Core, TableState};
+
+/// The process's etcd lock key of one key.
+#[derive(Debug, Clone)]
+pub(crate) struct EtcdKey {
+    pub lease: i64,
+    pub lock_key: String,
+    /// Create revision of the lock key: the fence of commits.
+    pub fence: i64,
+    /// First in the key's etcd queue (held); false while still queued.
+    pub owner: bool,
+}
+
+struct Pending {
+    owner: OwnerId,
+    ticket: u64,
+    grant: Grant,
+    notify: GrantCallback,
+}
+
+#[derive(Default)]
+struct KeyEntry {
+    etcd: Option<EtcdKey>,
+    /// The local holder waiting for the etcd lock.
+    pending: Option<Pending>,
+    driver: bool,
+    changed: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct State {
+    keys: HashMap<String, KeyEntry>,
+    /// (owner, ticket) of each pending waiter → its key.
+    pending: HashMap<(OwnerId, u64), String>,
+}
+
+pub(crate) struct KeyLocks {
+    pub local: LockTable,
+    state: Mutex<State>,
+}
+
+impl KeyLocks {
+    pub fn new() -> KeyLocks {
+        KeyLocks {
+            local: LockTable::new(),
+            state: Mutex::default(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The live etcd lock of `key`, if this process holds it.
+    fn held(&self, core: &Core, key: &str) -> Option<EtcdKey> {
+        let state = self.state();
+        let etcd = state.keys.get(key)?.etcd.as_ref()?;
+        (etcd.owner && core.session.is_live(etcd.lease)).then(|| etcd.clone())
+    }
+
+    /// Whether `token` holds `key`, here and in etcd (as far as this process knows).
+    pub fn holds(&self, core: &Core, key: &str, token: LockToken) -> bool {
+        self.local.holds(key, token) && self.held(core, key).is_some()
+    }
+
+    /// The fence for a commit under `token`: LockReleased if it does not hold the key here,
+    /// LockLost if the process's etcd lock is gone.
+    pub fn fence(&self, core: &Core, key: &str, token: LockToken) -> Result<EtcdKey> {
+        if !self.local.holds(key, token) {
+            return Err(Error::LockReleased {
+                key: key.to_string(),
+            });
+        }
+        self.held(core, key).ok_or_else(|| Error::LockLost {
+            key: key.to_string(),
+        })
+    }
+
+    /// A lock key of this process was seen deleted at `revision`: the lock it stood for is lost.
+    pub fn etcd_key_deleted(&self, key: &str, lease: i64, revision: i64) {
+        let mut state = self.state();
+        if let Some(entry) = state.keys.get_mut(key) {
+            let gone = entry
+                .etcd
+                .as_ref()
+                .is_some_and(|e| e.lease == lease && revision > e.fence);
+            if gone {
+                entry.etcd = None;
+                entry.changed.notify_one();
+            }
+        }
+    }
+
+    /// Keys with etcd state (for close and session changes).
+    fn keys(&self) -> Vec<String> {
+        self.state().keys.keys().cloned().collect()
+    }
+}
+
+/// Asks for `key`'s lock for `owner`. See [`super::ClusterMap::acquire`].
+pub(crate) fn acquire(
+    core: &Arc<Core>,
+    table: &Arc<TableState>,
+    owner: OwnerId,
+    key: &str,
+    ticket: u64,
+    make_waiter: impl FnOnce() -> Result<GrantCallback>,
+) -> Result<Acquire> {
+    let mut make = Some(make_waiter);
+    let weak = Arc::downgrade(core);
+    let outcome = table.locks.local.acquire(key, owner, ticket, || {
+        let notify = (make.take().expect("called once"))()?;
+        Ok(local_waiter(
+            weak.clone(),
+            table.clone(),
+            key,
+            owner,
+            ticket,
+            notify,
+        ))
+    })?;
+    let grant = match outcome {
+        Acquire::Queued => return Ok(Acquire::Queued),
+        Acquire::Granted(grant) => grant,
+    };
+    if table.locks.held(core, key).is_some() {
+        // The etcd key is still ours (released a moment ago, not deleted yet): no round trip.
+        return Ok(Acquire::Granted(grant));
+    }
+    let notify = match (make.take().expect("not used by a free key"))() {
+        Ok(notify) => notify,
+        Err(err) => {
+            let _ = release(core, table, key, grant.token, false);
+            return Err(err);
+        }
+    };
+    wait_for_etcd(
+        core,
+        table,
+        key,
+        Pending {
+            owner,
+            ticket,
+            grant,
+            notify,
+        },
+    );
+    Ok(Acquire::Queued)
+}
+
+/// Wraps a local waiter's callback: a local grant becomes the caller's once the etcd lock is
+/// held (at once when the process holds it already).
+fn local_waiter(
+    core: Weak<Core>,
+    table: Arc<TableState>,
+    key: &str,
+    owner: OwnerId,
+    ticket: u64,
+    notify: GrantCallback,
+) -> GrantCallback {
+    let key = key.to_string();
+    Box::new(move |outcome| {
+        let grant = match outcome {
+            Ok(grant) => grant,
+            Err(err) => return notify(Err(err)),
+        };
+        let Some(core) = core.upgrade() else {
+            let _ = table.locks.local.release(&key, grant.token, false);
+            return notify(Err(Error::StoreClosed));
+        };
+        if table.locks.held(&core, &key).is_some() {
+            return notify(Ok(grant));
+        }
+        wait_for_etcd(
+            &core,
+            &table,
+            &key,
+            Pending {
+                owner,
+                ticket,
+                grant,
+                notify,
+            },
+        );
+    })
+}
+
+/// Parks a local grant until the driver holds the etcd lock.
+fn wait_for_etcd(core: &Arc<Core>, table: &Arc<TableState>, key: &str, pending: Pending) {
+    let stale = {
+        let mut state = table.locks.state();
+        state
+            .pending
+            .insert((pending.owner, pending.ticket), key.to_string());
+        let entry = state.keys.entry(key.to_string()).or_default();
+        let stale = entry.pending.replace(pending);
+        if let Some(stale) = &stale {
+            state.pending.remove(&(stale.owner, stale.ticket));
+        }
+        stale
+    };
+    // A pending grant is replaced only once its token was released (a closed handle).
+    if let Some(stale) = stale {
+        (stale.notify)(Err(Error::StoreClosed));
+    }
+    poke(core, table, key);
+}
+
+/// Has the key's driver look at the key again (starting it if none runs).
+pub(crate) fn poke(core: &Arc<Core>, table: &Arc<TableState>, key: &str) {
+    let mut state = table.locks.state();
+    let entry = state.keys.entry(key.to_string()).or_default();
+    entry.changed.notify_one();
+    if !entry.driver {
+        entry.driver = true;
+        runtime().spawn(drive(core.clone(), table.clone(), key.to_string()));
+    }
+}
+
+/// Drops `token`'s lock on `key` (handing it to the next local waiter, if any).
+pub(crate) fn release(
+    core: &Arc<Core>,
+    table: &Arc<TableState>,
+    key: &str,
+    token: LockToken,
+    after_delete: bool,
+) -> Result<()> {
+    table.locks.local.release(key, token, after_delete)?;
+    poke(core, table, key);
+    Ok(())
+}
+
+/// Gives up a wait: queued locally, or granted locally and waiting for etcd.
+pub(crate) fn cancel_wait(
+    core: &Arc<Core>,
+    table: &Arc<TableState>,
+    owner: OwnerId,
+    ticket: u64,
+    reason: Error,
+) -> bool {
+    if table.locks.local.cancel(owner, ticket, reason.clone()) {
+        return true;
+    }
+    let found = {
+        let mut state = table.locks.state();
+        let Some(key) = state.pending.remove(&(owner, ticket)) else {
+            return false;
+        };
+        let pending = state.keys.get_mut(&key).and_then(|e| e.pending.take());
+        pending.map(|p| (key, p))
+    };
+    let Some((key, pending)) = found else {
+        return false;
+    };
+    let _ = table.locks.local.release(&key, pending.grant.token, false);
+    (pending.notify)(Err(reason));
+    poke(core, table, &key);
+    true
+}
+
+/// Frees everything `owner` holds or waits for (its handle closes): waiters hear StoreClosed,
+/// and etcd keys nobody here wants any more are deleted.
+pub(crate) fn release_owner(core: &Arc<Core>, table: &Arc<TableState>, owner: OwnerId) {
+    let pendings: Vec<Pending> = {
+        let mut state = table.locks.state();
+        let mine: Vec<((OwnerId, u64), String)> = state
+            .pending
+            .iter()
+            .filter(|((o, _), _)| *o == owner)
+            .map(|(id, key)| (*id, key.clone()))
+            .collect();
+        let mut taken = Vec::new();
+        for (id, key) in mine {
+            state.pending.remove(&id);
+            if let Some(p) = state.keys.get_mut(&key).and_then(|e| e.pending.take()) {
+                taken.push(p);
+            }
+        }
+        taken
+    };
+    table.locks.local.release_owner(owner);
+    for pending in pendings {
+        (pending.notify)(Err(Error::StoreClosed));
+    }
+    for key in table.locks.keys() {
+        poke(core, table, &key);
+    }
+}
+
+enum Step {
+    Grant(Pending),
+    Acquire(Arc<Notify>, Option<EtcdKey>),
+    Delete(EtcdKey),
+}
+
+/// The key's driver: brings the etcd lock in line with what the process wants, one step at a
+/// time, until there is nothing to do.
+async fn drive(core: Arc<Core>, table: Arc<TableState>, key: String) {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let step = {
+            let mut state = table.locks.state();
+            let entry = state.keys.get_mut(&key).expect("a driven key has an entry");
+            if entry
+                .etcd
+                .as_ref()
+                .is_some_and(|e| !core.session.is_live(e.lease))
+            {
+                // The session ended: its keys are gone with its lease.
+                entry.etcd = None;
+            }
+            let wanted = table.locks.local.is_locked(&key) && !core.is_closed();
+            let held = entry.etcd.as_ref().is_some_and(|e| e.owner);
+            match (wanted, entry.pending.is_some()) {
+                (true, true) if held => {
+                    let pending = entry.pending.take().expect("checked");
+                    state.pending.remove(&(pending.owner, pending.ticket));
+                    Step::Grant(pending)
+                }
+                (true, true) => Step::Acquire(entry.changed.clone(), entry.etcd.clone()),
+                (false, _) if entry.etcd.is_some() => {
+                    Step::Delete(entry.etcd.take().expect("checked"))
+                }
+                _ => {
+                    // Held for a local holder, or nothing at all: done for now.
+                    entry.driver = false;
+                    let stale = if wanted { None } else { entry.pending.take() };
+                    if entry.etcd.is_none() && entry.pending.is_none() {
+                        state.keys.remove(&key);
+                    }
+                    if let Some(stale) = &stale {
+                        state.pending.remove(&(stale.owner, stale.ticket));
+                    }
+                    drop(state);
+                    if let Some(stale) = stale {
+                        (stale.notify)(Err(Error::StoreClosed));
+                    }
+                    return;
+                }
+            }
+        };
+        match step {
+            Step::Grant(pending) => {
+                if table.locks.local.holds(&key, pending.grant.token) {
+                    (pending.notify)(Ok(pending.grant));
+                } else {
+                    (pending.notify)(Err(Error::StoreClosed));
+                }
+            }
+            Step::Acquire(changed, queued) => {
+                let outcome = acquire_etcd(&core, &table, &key, &changed, queued).await;
+                let failed = {
+                    let mut state = table.locks.state();
+                    let entry = state.keys.get_mut(&key).expect("a driven key has an entry");
+                    match outcome {
+                        Ok(etcd) => {
+                            entry.etcd = etcd;
+                            None
+                        }
+                        Err((err, etcd)) => {
+                            entry.etcd = etcd;
+                            let pending = entry.pending.take();
+                            if let Some(p) = &pending {
+                                state.pending.remove(&(p.owner, p.ticket));
+                            }
+                            pending.map(|p| (p, err))
+                        }
+                    }
+                };
+                if let Some((pending, err)) = failed {
+                    // The next local waiter (if any) tries again.
+                    let _ = table.locks.local.release(&key, pending.grant.token, false);
+                    (pending.notify)(Err(err));
+                }
+            }
+            Step::Delete(etcd) => {
+                let lock_key = etcd.lock_key.clone();
+                let deleted = core
+                    .cluster
+                    .call("releasing a lock", Effect::Unknown, || {
+                        let mut kv = core.cluster.kv.clone();
+                        let lock_key = lock_key.clone();
+                        async move { kv.delete(lock_key, None).await }
+                    })
+                    .await;
+                match deleted {
+                    Ok(answer) => {
+                        if let Some(h) = answer.header() {
+                            core.replica.saw_revision(h.revision());
+                        }
+                        pause = Duration::from_millis(50);
+                    }
+                    Err(_) if core.session.is_live(etcd.lease) && !core.is_closed() => {
+                        // The cluster is away: keep the key and try again later (unless the
+                        // process wants the lock again meanwhile).
+                        {
+                            let mut state = table.locks.state();
+                            let entry =
+                                state.keys.get_mut(&key).expect("a driven key has an entry");
+                            entry.etcd.get_or_insert(etcd);
+                        }
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Whether the driver should go on waiting for the etcd lock.
+fn still_wanted(core: &Core, table: &TableState, key: &str) -> bool {
+    table.locks.local.is_locked(key)
+        && !core.is_closed()
+        && table
+            .locks
+            .state()
+            .keys
+            .get(key)
+            .is_some_and(|e| e.pending.is_some())
+}
+
+/// Takes the process's place in the key's etcd queue and waits for its turn (etcd's mutex
+/// recipe). Ok(Some) when held; Ok(None) when nobody here wants it any more (its queued key
+/// deleted). On failure, the key that may be left in etcd comes back with the error.
+async fn acquire_etcd(
+    core: &Arc<Core>,
+    table: &Arc<TableState>,
+    key: &str,
+    changed: &Notify,
+    queued: Option<EtcdKey>,
+) -> std::result::Result<Option<EtcdKey>, (Error, Option<EtcdKey>)> {
+    let what = format!("acquiring the lock on '{key}'");
+    let layout = &core.layout;
+    let prefix = layout.lock_prefix(&table.name, key);
+    let data_key = layout.data_key(&table.name, key);
+    let mut sessions = core.session.subscribe();
+    'session: loop {
+        let lease = core.session.live().await.map_err(|e| (e, None))?;
+        let lock_key = layout.lock_key(&table.name, key, lease.id);
+        let mine = queued
+            .as_ref()
+            .filter(|q| q.lease == lease.id && q.lock_key == lock_key);
+        let mut etcd = EtcdKey {
+            lease: lease.id,
+            lock_key: lock_key.clone(),
+            fence: mine.map_or(0, |q| q.fence),
+            owner: false,
+        };
+        // Queue up (or find our place): put our key unless it exists; read the queue's head
+        // and the entry in the same revision.
+        let first = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                lock_key.clone(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([
+                TxnOp::put(
+                    lock_key.clone(),
+                    "",
+                    Some(PutOptions::new().with_lease(lease.id)),
+                ),
+                TxnOp::get(prefix.clone(), Some(first.clone())),
+                TxnOp::get(data_key.clone(), None),
+            ])
+            .or_else([
+                TxnOp::get(lock_key.clone(), None),
+                TxnOp::get(prefix.clone(), Some(first)),
+                TxnOp::get(data_key.clone(), None),
+            ]);
+        let answer = core
+            .cluster
+            .call(&what, Effect::Unknown, || {
+                let mut kv = core.cluster.kv.clone();
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await
+            .map_err(|e| (e, Some(etcd.clone())))?;
+        let revision = answer.header().map_or(0, |h| h.revision());
+        core.replica.saw_revision(revision);
+        let got = gets(&answer);
+        etcd.fence = if answer.succeeded() {
+            revision
+        } else {
+            match got[0].first() {
+                Some(kv) => kv.create_revision(),
+                None => continue 'session,
+            }
+        };
+        let mut head = got[1].first().map(|kv| kv.key().to_vec());
+        let mut record = (
+            revision,
+            got[2].first().map(|kv| Arc::<[u8]>::from(kv.value())),
+        );
+        loop {
+            if head.as_deref() == Some(lock_key.as_bytes()) {
+                if !core.session.is_live(lease.id) {
+                    continue 'session;
+                }
+                // The latest committed value, read under the lock: the replica holds it (or
+                // something newer) before the grant.
+                core.replica
+                    .apply_known(record.0, &[(&table.name, key, record.1.clone())]);
+                etcd.owner = true;
+                return Ok(Some(etcd));
+            }
+            // Wait for the deletion of the key just before ours.
+            let before = GetOptions::new()
+                .with_prefix()
+                .with_max_create_revision(etcd.fence - 1)
+                .with_sort(SortTarget::Create, SortOrder::Descend)
+                .with_limit(1);
+            let txn = Txn::new().and_then([
+                TxnOp::get(lock_key.clone(), None),
+                TxnOp::get(prefix.clone(), Some(before)),
+                TxnOp::get(data_key.clone(), None),
+            ]);
+            let answer = core
+                .cluster
+                .call(&what, Effect::Nothing, || {
+                    let mut kv = core.cluster.kv.clone();
+                    let txn = txn.clone();
+                    async move { kv.txn(txn).await }
+                })
+                .await
+                .map_err(|e| (e, Some(etcd.clone())))?;
+            let revision = answer.header().map_or(0, |h| h.revision());
+            core.replica.saw_revision(revision);
+            let got = gets(&answer);
+            if got[0].is_empty() {
+                // Our key is gone (the session ended): queue up again.
+                continue 'session;
+            }
+            record = (
+                revision,
+                got[2].first().map(|kv| Arc::<[u8]>::from(kv.value())),
+            );
+            let Some(before) = got[1].first().map(|kv| kv.key().to_vec()) else {
+                head = Some(lock_key.as_bytes().to_vec());
+                continue;
+            };
+            let gone = core.replica.lock_gone(&before, revision);
+            tokio::select! {
+                _ = gone => {}
+                _ = changed.notified() => {
+                    if !still_wanted(core, table, key) {
+                        return abandon(core, etcd).await;
+                    }
+                }
+                _ = sessions.changed() => {
+                    if !core.session.is_live(lease.id) {
+                        continue 'session;
+                    }
+                }
+            }
+            head = None;
+        }
+    }
+}
+
+/// Nobody here wants the lock any more: leave the queue.
+async fn abandon(
+    core: &Arc<Core>,
+    etcd: EtcdKey,
+) -> std::result::Result<Option<EtcdKey>, (Error, Option<EtcdKey>)> {
+    let lock_key = etcd.lock_key.clone();
+    core.cluster
+        .call("leaving a lock queue", Effect::Unknown, || {
+            let mut kv = core.cluster.kv.clone();
+            let lock_key = lock_key.clone();
+            async move { kv.delete(lock_key, None).await }
+        })
+        .await
+        .map(|_| None)
+        .map_err(|e| (e, Some(etcd)))
+}
+
+/// The key-values of each Get of a transaction's taken branch, in order.
+fn gets(answer: &etcd_client::TxnResponse) -> Vec<Vec<etcd_client::KeyValue>> {
+    answer
+        .op_responses()
+        .into_iter()
+        .map(|op| match op {
+            etcd_client::TxnOpResponse::Get(mut get) => get.take_kvs(),
+            _ => Vec::new(),
+        })
+        .collect()
+}

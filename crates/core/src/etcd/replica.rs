@@ -1,0 +1,394 @@
+//! The local replica of the prefix: every map's entries in a persistent sorted map (O(1)
+//! snapshots for walks and counts), plus the lock keys that exist (so lock waiters wake on
+//! the deletion they wait for, without a watch of their own). It is read once at one revision,
+//! then fed by one watch of the whole prefix from the next revision.
+//!
+//! A process's own commits are applied as soon as etcd answers, before the watch brings them
+//! ("ahead" of the watch): each such key remembers its revision until the watch passes it, so
+//! an older event still in flight cannot undo it. A watch whose start revision was compacted
+//! away is answered by reading the prefix again; a broken watch stream (a member gone) is
+//! opened again from the last revision seen + 1.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchOptions};
+use tokio::sync::{oneshot, watch};
+
+use crate::error::Result;
+
+use super::client::Cluster;
+use super::layout::{prefix_end, Layout, Parsed};
+
+/// One map's entries: key → record (envelope bytes), in byte-wise key order.
+pub type Snapshot = imbl::OrdMap<String, Arc<[u8]>>;
+
+/// A lock key seen deleted: (table, key, lease, revision of the deletion).
+pub(crate) type LockDeleted = (String, String, i64, i64);
+
+/// A change this process knows was committed: (table, key, record or None for a deletion).
+pub(crate) type Known<'a> = (&'a str, &'a str, Option<Arc<[u8]>>);
+
+/// One map as of a revision: (name, codec, entries).
+pub type NamedSnapshot = (String, String, Snapshot);
+
+#[derive(Default)]
+struct State {
+    /// Every event up to this revision is applied.
+    revision: i64,
+    tables: HashMap<String, Snapshot>,
+    /// (table, key) applied ahead of the watch → the revision it was applied at.
+    ahead: HashMap<(String, String), i64>,
+    /// Lock keys that exist → their create revision.
+    lock_keys: HashMap<Box<[u8]>, i64>,
+}
+
+impl State {
+    fn set(&mut self, table: &str, key: &str, value: Option<Arc<[u8]>>) {
+        match value {
+            Some(value) => {
+                self.tables
+                    .entry(table.to_string())
+                    .or_default()
+                    .insert(key.to_string(), value);
+            }
+            None => {
+                if let Some(map) = self.tables.get_mut(table) {
+                    map.remove(key);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Waits {
+    /// Woken once the replica's revision reaches the number.
+    revision: Vec<(i64, oneshot::Sender<()>)>,
+    /// Woken once the lock key is gone as of a revision at least the number.
+    lock_gone: Vec<(Box<[u8]>, i64, oneshot::Sender<()>)>,
+}
+
+/// Counters for stats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicaStats {
+    /// Every change up to this etcd revision is in the replica.
+    pub revision: i64,
+    /// The newest cluster revision this process has seen minus `revision`: how far the replica
+    /// may be behind (revisions of other prefixes count too, so it is an upper bound).
+    pub lag: i64,
+    /// Whether the watch that feeds the replica is connected.
+    pub connected: bool,
+    /// Times the prefix was read whole again (a compacted watch revision).
+    pub reloads: u64,
+}
+
+pub(crate) struct Replica {
+    layout: Layout,
+    state: RwLock<State>,
+    waits: Mutex<Waits>,
+    /// The newest revision seen in any answer from the cluster.
+    seen: AtomicI64,
+    connected: AtomicBool,
+    reloads: AtomicU64,
+    /// Test hook: the watch is dropped and not reopened while set.
+    paused: watch::Sender<bool>,
+    closed: watch::Sender<bool>,
+}
+
+impl Replica {
+    pub fn new(layout: Layout) -> Replica {
+        Replica {
+            layout,
+            state: RwLock::default(),
+            waits: Mutex::default(),
+            seen: AtomicI64::new(0),
+            connected: AtomicBool::new(false),
+            reloads: AtomicU64::new(0),
+            paused: watch::channel(false).0,
+            closed: watch::channel(false).0,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn waits(&self) -> std::sync::MutexGuard<'_, Waits> {
+        self.waits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn saw_revision(&self, revision: i64) {
+        self.seen.fetch_max(revision, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, table: &str, key: &str) -> Option<Arc<[u8]>> {
+        self.read().tables.get(table)?.get(key).cloned()
+    }
+
+    pub fn snapshot(&self, table: &str) -> Snapshot {
+        self.read().tables.get(table).cloned().unwrap_or_default()
+    }
+
+    pub fn stats(&self) -> ReplicaStats {
+        let revision = self.read().revision;
+        ReplicaStats {
+            revision,
+            lag: (self.seen.load(Ordering::Relaxed) - revision).max(0),
+            connected: self.connected.load(Ordering::Relaxed),
+            reloads: self.reloads.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Applies changes this process knows were committed at `revision` (its own commits, a
+    /// value read under a lock just granted), ahead of the watch.
+    pub fn apply_known(&self, revision: i64, changes: &[Known<'_>]) {
+        self.saw_revision(revision);
+        let mut state = self.write();
+        if revision <= state.revision {
+            return;
+        }
+        for (table, key, value) in changes {
+            let slot = state
+                .ahead
+                .entry((table.to_string(), key.to_string()))
+                .or_insert(0);
+            if *slot >= revision {
+                continue;
+            }
+            *slot = revision;
+            state.set(table, key, value.clone());
+        }
+    }
+
+    /// Reads the whole prefix at one revision and installs it (keeping what this process
+    /// applied ahead of that revision).
+    pub async fn load(&self, cluster: &Cluster) -> Result<()> {
+        let root = self.layout.root().as_bytes().to_vec();
+        let mut tables: HashMap<String, Snapshot> = HashMap::new();
+        let mut lock_keys = HashMap::new();
+        let revision = cluster
+            .scan(&root, &prefix_end(&root), |kv| {
+                match self.layout.parse(kv.key()) {
+                    Parsed::Data { table, key } => {
+                        tables
+                            .entry(table)
+                            .or_default()
+                            .insert(key, Arc::from(kv.value()));
+                    }
+                    Parsed::Lock { .. } => {
+                        lock_keys.insert(Box::from(kv.key()), kv.create_revision());
+                    }
+                    Parsed::Other => {}
+                }
+            })
+            .await?;
+        self.saw_revision(revision);
+        {
+            let mut state = self.write();
+            let old = std::mem::take(&mut *state);
+            state.revision = revision;
+            state.tables = tables;
+            state.lock_keys = lock_keys;
+            for ((table, key), at) in old.ahead {
+                if at > revision {
+                    let value = old.tables.get(&table).and_then(|t| t.get(&key)).cloned();
+                    state.set(&table, &key, value);
+                    state.ahead.insert((table, key), at);
+                }
+            }
+        }
+        self.wake();
+        Ok(())
+    }
+
+    /// Applies one watch answer; returns the lock keys it saw deleted.
+    fn apply_events(&self, events: &[etcd_client::Event]) -> Vec<LockDeleted> {
+        let mut deleted = Vec::new();
+        let mut state = self.write();
+        for event in events {
+            let Some(kv) = event.kv() else { continue };
+            let revision = kv.mod_revision();
+            let put = event.event_type() == EventType::Put;
+            match self.layout.parse(kv.key()) {
+                Parsed::Data { table, key } => {
+                    let id = (table, key);
+                    if state.ahead.get(&id).is_some_and(|&at| revision <= at) {
+                        continue;
+                    }
+                    let value = put.then(|| Arc::from(kv.value()));
+                    state.set(&id.0, &id.1, value);
+                }
+                Parsed::Lock { table, key, lease } => {
+                    if put {
+                        state
+                            .lock_keys
+                            .insert(Box::from(kv.key()), kv.create_revision());
+                    } else {
+                        state.lock_keys.remove(kv.key());
+                        deleted.push((table, key, lease, revision));
+                    }
+                }
+                Parsed::Other => {}
+            }
+            state.revision = state.revision.max(revision);
+        }
+        let now = state.revision;
+        if !state.ahead.is_empty() {
+            state.ahead.retain(|_, at| *at > now);
+        }
+        drop(state);
+        self.saw_revision(now);
+        deleted
+    }
+
+    /// Wakes the waits that are satisfied now.
+    fn wake(&self) {
+        let state = self.read();
+        let mut waits = self.waits();
+        let revision = state.revision;
+        let mut woken = Vec::new();
+        let (done, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut waits.revision)
+            .into_iter()
+            .partition(|(at, _)| *at <= revision);
+        waits.revision = kept;
+        woken.extend(done.into_iter().map(|(_, tx)| tx));
+        let (done, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut waits.lock_gone)
+            .into_iter()
+            .partition(|(key, at, tx)| {
+                tx.is_closed() || (*at <= revision && !state.lock_keys.contains_key(key))
+            });
+        waits.lock_gone = kept;
+        woken.extend(done.into_iter().map(|(_, _, tx)| tx));
+        drop(waits);
+        drop(state);
+        for tx in woken {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Resolves once every change up to `revision` is in the replica.
+    pub fn reached(&self, revision: i64) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.waits().revision.push((revision, tx));
+        self.wake();
+        rx
+    }
+
+    /// Resolves once `lock_key` is gone as of a revision at least `after`.
+    pub fn lock_gone(&self, lock_key: &[u8], after: i64) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.waits()
+            .lock_gone
+            .push((Box::from(lock_key), after, tx));
+        self.wake();
+        rx
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.read().revision
+    }
+
+    /// Test hook: drop the watch (the replica falls behind) or let it resume.
+    pub fn pause(&self, paused: bool) {
+        self.paused.send_replace(paused);
+    }
+
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Feeds the replica until closed. `deleted` hears of every lock key seen deleted.
+    pub async fn run(self: Arc<Replica>, cluster: Cluster, deleted: impl Fn(Vec<LockDeleted>)) {
+        let mut closed = self.closed.subscribe();
+        let mut paused = self.paused.subscribe();
+        let mut pause = Duration::from_millis(50);
+        let mut reload = false;
+        while !*closed.borrow() {
+            if *paused.borrow() {
+                self.connected.store(false, Ordering::Relaxed);
+                tokio::select! {
+                    _ = paused.wait_for(|p| !*p) => {}
+                    _ = closed.wait_for(|c| *c) => return,
+                }
+            }
+            if reload {
+                match self.load(&cluster).await {
+                    Ok(()) => {
+                        self.reloads.fetch_add(1, Ordering::Relaxed);
+                        reload = false;
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                }
+            }
+            let from = self.revision() + 1;
+            let options = WatchOptions::new().with_prefix().with_start_revision(from);
+            let mut client = cluster.watch.clone();
+            let root = self.layout.root().to_string();
+            let opened =
+                tokio::time::timeout(cluster.timeout, client.watch(root, Some(options))).await;
+            let mut stream = match opened {
+                Ok(Ok(stream)) => stream,
+                _ => {
+                    self.connected.store(false, Ordering::Relaxed);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = closed.wait_for(|c| *c) => return,
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            loop {
+                let message = tokio::select! {
+                    m = stream.message() => m,
+                    _ = paused.wait_for(|p| *p) => break,
+                    _ = closed.wait_for(|c| *c) => return,
+                };
+                let answer = match message {
+                    Ok(Some(answer)) => answer,
+                    _ => break,
+                };
+                if answer.canceled() {
+                    if answer.compact_revision() > 0 || answer.cancel_reason().contains("compacted")
+                    {
+                        reload = true;
+                    }
+                    break;
+                }
+                if answer.created() {
+                    self.connected.store(true, Ordering::Relaxed);
+                    pause = Duration::from_millis(50);
+                }
+                if let Some(header) = answer.header() {
+                    self.saw_revision(header.revision());
+                }
+                if !answer.events().is_empty() {
+                    let gone = self.apply_events(answer.events());
+                    self.wake();
+                    if !gone.is_empty() {
+                        deleted(gone);
+                    }
+                }
+            }
+            self.connected.store(false, Ordering::Relaxed);
+            if !reload {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = closed.wait_for(|c| *c) => return,
+                }
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Parsing `etcd://host:port[,host:port...]/prefix` (and `etcds://` for TLS).
+
+use crate::error::{Error, Result};
+
+/// A parsed cluster location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClusterUrl {
+    /// `etcds://`: the client connects over TLS.
+    pub tls: bool,
+    /// `host:port` of each member, as given (order kept: the client balances over all).
+    pub endpoints: Vec<String>,
+    /// The key prefix everything of this store lives under; non-empty, no trailing slash.
+    pub prefix: String,
+}
+
+impl ClusterUrl {
+    pub fn parse(url: &str) -> Result<ClusterUrl> {
+        let bad = |why: &str| Error::invalid(format!("malformed etcd URL '{url}': {why}"));
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("etcd://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("etcds://") {
+            (true, rest)
+        } else {
+            return Err(bad("it must start with etcd:// or etcds://"));
+        };
+        let (hosts, prefix) = rest
+            .split_once('/')
+            .ok_or_else(|| bad("a /prefix must follow the endpoints"))?;
+        if prefix.is_empty() {
+            return Err(bad("the prefix after the endpoints must not be empty"));
+        }
+        if prefix.ends_with('/') {
+            return Err(bad("the prefix must not end with '/'"));
+        }
+        if prefix.contains('\0') || prefix.contains('?') || prefix.contains('#') {
+            return Err(bad("the prefix must not contain NUL, '?' or '#'"));
+        }
+        let mut endpoints = Vec::new();
+        for host in hosts.split(',') {
+            let (name, port) = host
+                .rsplit_once(':')
+                .ok_or_else(|| bad(&format!("endpoint '{host}' must be host:port")))?;
+            let name_ok = !name.is_empty()
+                && name.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '[' | ']' | ':')
+                });
+            if !name_ok {
+                return Err(bad(&format!("endpoint '{host}' has no valid host name")));
+            }
+            match port.parse::<u16>() {
+                Ok(p) if p > 0 => {}
+                _ => return Err(bad(&format!("endpoint '{host}' has no valid port"))),
+            }
+            endpoints.push(host.to_string());
+        }
+        Ok(ClusterUrl {
+            tls,
+            endpoints,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    /// The endpoints as the client wants them (`http://` or `https://`).
+    pub fn client_endpoints(&self) -> Vec<String> {
+        let scheme = if self.tls { "https" } else { "http" };
+        self.endpoints
+            .iter()
+            .map(|e| format!("{scheme}://{e}"))
+            .collect()
+    }
+
+    /// The same cluster and prefix whatever the spelling: endpoints lower-cased and sorted.
+    pub fn normalized(&self) -> String {
+        let mut endpoints: Vec<String> = self.endpoints.iter().map(|e| e.to_lowercase()).collect();
+        endpoints.sort();
+        endpoints.dedup();
+        let scheme = if self.tls { "etcds" } else { "etcd" };
+        format!("{scheme}://{}/{}", endpoints.join(","), self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_endpoints_and_prefix() {
+        let u = ClusterUrl::parse("etcd://10.0.0.1:2379,host-b:2380/myapp").unwrap();
+        assert!(!u.tls);
+        assert_eq!(u.endpoints, vec!["10.0.0.1:2379", "host-b:2380"]);
+        assert_eq!(u.prefix, "myapp");
+        assert_eq!(
+            u.client_endpoints(),
+            vec!["http://10.0.0.1:2379", "http://host-b:2380"]
+        );
+        let t = ClusterUrl::parse("etcds://h:1/a/b").unwrap();
+        assert!(t.tls);
+        assert_eq!(t.prefix, "a/b");
+        assert_eq!(
+            ClusterUrl::parse("etcd://B:2,a:1/p").unwrap().normalized(),
+            ClusterUrl::parse("etcd://a:1,b:2/p").unwrap().normalized()
+        );
+    }
+
+    #[test]
+    fn malformed_urls_are_invalid_arguments() {
+        for url in [
+            "http://h:1/p",
+            "etcd://h:1",
+            "etcd://h:1/",
+            "etcd://h:1/p/",
+            "etcd://h/p",
+            "etcd://h:x/p",
+            "etcd://h:0/p",
+            "etcd://:1/p",
+            "etcd://h:1,/p",
+            "etcd:///p",
+            "etcd://h w:1/p",
+        ] {
+            let err = ClusterUrl::parse(url).unwrap_err();
+            assert_eq!(err.code(), crate::ErrorCode::InvalidArgument, "{url}");
+        }
+    }
+}
