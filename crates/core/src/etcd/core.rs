@@ -113,6 +113,10 @@ impl Core {
             if !self.session.is_ours(lease) {
                 continue;
             }
+            if self.session.is_live(lease) {
+                // Revoked or expired, or deleted by hand: the keep-alive finds out which.
+                self.session.check_now();
+            }
             let state = self.tables().get(&table).cloned();
             if let Some(state) = state {
                 state.locks.etcd_key_deleted(&key, lease, revision);

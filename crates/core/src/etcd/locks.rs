@@ -464,6 +464,7 @@ async fn acquire_etcd(
     let prefix = layout.lock_prefix(&table.name, key);
     let data_key = layout.data_key(&table.name, key);
     let mut sessions = core.session.subscribe();
+    let mut retries = 3;
     'session: loop {
         let lease = core.session.live().await.map_err(|e| (e, None))?;
         let lock_key = layout.lock_key(&table.name, key, lease.id);
@@ -509,8 +510,16 @@ async fn acquire_etcd(
                 let txn = txn.clone();
                 async move { kv.txn(txn).await }
             })
-            .await
-            .map_err(|e| (e, Some(etcd.clone())))?;
+            .await;
+        let answer = match answer {
+            Err(err) if err.to_string().contains("lease not found") && retries > 0 => {
+                // The session's lease is gone (revoked, expired) before the keep-alive knew.
+                retries -= 1;
+                core.session.lost(lease.id);
+                continue 'session;
+            }
+            other => other.map_err(|e| (e, Some(etcd.clone())))?,
+        };
         let revision = answer.header().map_or(0, |h| h.revision());
         core.replica.saw_revision(revision);
         let got = gets(&answer);

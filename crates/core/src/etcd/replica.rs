@@ -168,7 +168,7 @@ impl Replica {
     }
 
     /// Reads the whole prefix at one revision and installs it (keeping what this process
-    /// applied ahead of that revision).
+    /// applied ahead of that revision). The caller wakes the waits.
     pub async fn load(&self, cluster: &Cluster) -> Result<()> {
         let root = self.layout.root().as_bytes().to_vec();
         let mut tables: HashMap<String, Snapshot> = HashMap::new();
@@ -204,7 +204,6 @@ impl Replica {
                 }
             }
         }
-        self.wake();
         Ok(())
     }
 
@@ -322,6 +321,7 @@ impl Replica {
                 match self.load(&cluster).await {
                     Ok(()) => {
                         self.reloads.fetch_add(1, Ordering::Relaxed);
+                        self.wake();
                         reload = false;
                     }
                     Err(_) => {

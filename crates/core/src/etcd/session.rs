@@ -30,6 +30,8 @@ pub(crate) struct Session {
     current: watch::Sender<Option<Lease>>,
     /// Leases this core has held (lock keys of them, seen deleted, are this core's).
     known: Mutex<Vec<i64>>,
+    /// Asks the keep-alive task to check the lease now (a lock key of it was seen deleted).
+    check: tokio::sync::Notify,
     /// Test hook: no keep-alives are sent while set.
     paused: AtomicBool,
     closed: AtomicBool,
@@ -46,6 +48,7 @@ impl Session {
             ttl,
             current: watch::channel(None).0,
             known: Mutex::new(Vec::new()),
+            check: tokio::sync::Notify::new(),
             paused: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             losses: Default::default(),
@@ -119,6 +122,19 @@ impl Session {
         }
     }
 
+    /// `lease` is known to be gone (etcd said "lease not found"): the session is lost.
+    pub fn lost(&self, lease: i64) {
+        if let Some(current) = self.current().filter(|l| l.id == lease) {
+            self.lose(current);
+        }
+    }
+
+    /// Has the keep-alive task send a keep-alive now: a lock key of this session was seen
+    /// deleted, which a revoked or expired lease does.
+    pub fn check_now(&self) {
+        self.check.notify_one();
+    }
+
     /// Test hook: stop (or resume) sending keep-alives, so the lease expires.
     pub fn pause(&self, paused: bool) {
         self.paused.store(paused, Ordering::SeqCst);
@@ -165,6 +181,7 @@ impl Session {
         // The lease lives at least until TTL after the last keep-alive that was answered was
         // sent (the grant, at first).
         let mut alive_until = Instant::now() + ttl;
+        let mut changes = self.subscribe();
         'stream: while !self.closed.load(Ordering::SeqCst) {
             let mut client = self.cluster.lease.clone();
             let left = alive_until.saturating_duration_since(Instant::now());
@@ -198,7 +215,15 @@ impl Session {
                     }
                 }
                 let next = (Instant::now() + every).min(alive_until);
-                tokio::time::sleep_until(next.into()).await;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next.into()) => {}
+                    _ = self.check.notified() => {}
+                    _ = changes.changed() => {}
+                }
+                if self.current() != Some(lease) {
+                    // Lost meanwhile (see `lost`).
+                    return;
+                }
             }
         }
         if !self.closed.load(Ordering::SeqCst) {
