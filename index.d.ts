@@ -21,7 +21,13 @@ export declare class NativeDatabase {
    * shutdown; null when no repair was needed (or another handle had it open already).
    */
   get repairMs(): number | null
+  /** The file's path, or the cluster URL. */
   get path(): string
+  /**
+   * Resolves once this handle's reads see everything committed anywhere before the call
+   * (at once for a file; for a cluster, once its replica caught up).
+   */
+  sync(): Promise<void>
   /**
    * Queues the commits made since the last flush, as one unit (call once per JS turn).
    * Non-durable commits are written right here when the writer is idle (no fsync to wait
@@ -120,6 +126,14 @@ export interface NativeOpenOptions {
   durable?: boolean
   syncIntervalMs?: number
   readOnly?: boolean
+  /** etcd only: the session lease's TTL, the bound of every request, credentials and TLS. */
+  sessionTtlMs?: number
+  requestTimeoutMs?: number
+  username?: string
+  password?: string
+  tlsCa?: Buffer
+  tlsCert?: Buffer
+  tlsKey?: Buffer
 }
 
 export interface NativeRangeOptions {

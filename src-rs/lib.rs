@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use std::sync::Mutex;
 
+use kvstore_core::etcd::{ClusterOptions, ClusterTls};
 use kvstore_core::{
     Acquire, Change, CommitOptions, Database, DatabaseOptions, EntryRange, ErrorCode, Grant,
     KeyFormat, LockMode, LockedEntry, MapOptions, MapStore, NextKey, PreparedCommit, RangeOptions,
@@ -62,6 +63,52 @@ pub struct NativeOpenOptions {
     pub durable: Option<bool>,
     pub sync_interval_ms: Option<f64>,
     pub read_only: Option<bool>,
+    /// etcd only: the session lease's TTL, the bound of every request, credentials and TLS.
+    pub session_ttl_ms: Option<f64>,
+    pub request_timeout_ms: Option<f64>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub tls_ca: Option<Buffer>,
+    pub tls_cert: Option<Buffer>,
+    pub tls_key: Option<Buffer>,
+}
+
+/// Opens a file, or connects to a cluster when `location` is an `etcd://` or `etcds://` URL.
+fn open_store(location: &str, options: NativeOpenOptions) -> kvstore_core::Result<Database> {
+    let ms = |ms: f64| std::time::Duration::from_secs_f64(ms / 1000.0);
+    if Database::is_cluster_url(location) {
+        let defaults = ClusterOptions::default();
+        let pem = |b: Option<Buffer>| b.map(|b| b.to_vec());
+        let tls = (options.tls_ca.is_some() || options.tls_cert.is_some()).then(|| ClusterTls {
+            ca: pem(options.tls_ca),
+            cert: pem(options.tls_cert),
+            key: pem(options.tls_key),
+        });
+        return Database::open_cluster(
+            location,
+            ClusterOptions {
+                session_ttl: options.session_ttl_ms.map_or(defaults.session_ttl, ms),
+                request_timeout: options
+                    .request_timeout_ms
+                    .map_or(defaults.request_timeout, ms),
+                auth: options.username.zip(options.password),
+                tls,
+            },
+        );
+    }
+    let defaults = DatabaseOptions::default();
+    Database::open(
+        location,
+        DatabaseOptions {
+            page_cache_bytes: options
+                .page_cache_bytes
+                .map_or(defaults.page_cache_bytes, |b| b as usize),
+            durable: options.durable.unwrap_or(defaults.durable),
+            sync_interval: options.sync_interval_ms.map_or(defaults.sync_interval, ms),
+            backend: None,
+            read_only: options.read_only.unwrap_or(false),
+        },
+    )
 }
 
 #[napi(object)]
@@ -102,24 +149,7 @@ impl NativeDatabase {
     /// when this thread's environment goes away (a terminated worker), releasing its locks.
     #[napi(catch_unwind, factory)]
     pub fn open(env: Env, path: String, options: NativeOpenOptions) -> Result<NativeDatabase> {
-        let defaults = DatabaseOptions::default();
-        let db = Database::open(
-            &path,
-            DatabaseOptions {
-                page_cache_bytes: options
-                    .page_cache_bytes
-                    .map_or(defaults.page_cache_bytes, |b| b as usize),
-                durable: options.durable.unwrap_or(defaults.durable),
-                sync_interval: options
-                    .sync_interval_ms
-                    .map_or(defaults.sync_interval, |ms| {
-                        std::time::Duration::from_secs_f64(ms / 1000.0)
-                    }),
-                backend: None,
-                read_only: options.read_only.unwrap_or(false),
-            },
-        )
-        .or_js()?;
+        let db = open_store(&path, options).or_js()?;
         let mailbox = Mailbox::new(&env)?;
         let cleanup = env.add_env_cleanup_hook(db.clone(), |db| db.close())?;
         Ok(NativeDatabase {
@@ -170,9 +200,20 @@ impl NativeDatabase {
         self.db.repaired().map(|d| d.as_secs_f64() * 1000.0)
     }
 
+    /// The file's path, or the cluster URL.
     #[napi(getter)]
     pub fn path(&self) -> String {
-        self.db.path().display().to_string()
+        self.db.location()
+    }
+
+    /// Resolves once this handle's reads see everything committed anywhere before the call
+    /// (at once for a file; for a cluster, once its replica caught up).
+    #[napi(catch_unwind, ts_return_type = "Promise<void>")]
+    pub fn sync(&self, env: Env) -> Result<PromiseRaw<'static, ()>> {
+        let (deferred, raw) = self.mailbox.promise(&env)?;
+        let once = SettleOnce::new(&self.mailbox, deferred);
+        self.db.sync_with(once.callback(Settlement::Committed));
+        Ok(PromiseRaw::new(env.raw(), raw))
     }
 
     /// Queues the commits made since the last flush, as one unit (call once per JS turn).

@@ -35,8 +35,8 @@ export class Database {
   /** @internal */
   static openSync(path: string, options: DatabaseOptions = {}, onClose?: () => void): Database {
     checkPath('path', path)
-    const { durable, pageCacheBytes, syncIntervalMs, readOnly } = checkDatabaseOptions(options)
-    const handle = native(() => binding.NativeDatabase.open(path, { durable, pageCacheBytes, syncIntervalMs, readOnly }))
+    const nativeOptions = checkDatabaseOptions(options, path)
+    const handle = native(() => binding.NativeDatabase.open(path, nativeOptions))
     const repairMs = handle.repairMs
     if (repairMs !== null && repairMs !== undefined) {
       options.logger?.warn(`kvstore: '${handle.path}' was not closed cleanly; redb repaired it in ${repairMs.toFixed(1)} ms`)
@@ -109,6 +109,16 @@ export class Database {
   async compact(): Promise<boolean> {
     this.#checkOpen()
     return settled(native(() => this.#native.compact()))
+  }
+
+  /**
+   * Resolves once reads through this handle see everything committed anywhere before the call:
+   * read after it to read linearizably. At once for a file; with etcd, once the local replica
+   * caught up with the cluster.
+   */
+  async sync(): Promise<void> {
+    this.#checkOpen()
+    return settled(native(() => this.#native.sync()))
   }
 
   /**

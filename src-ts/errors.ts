@@ -51,6 +51,12 @@ export class DatabaseLockedError extends kind('ERR_DATABASE_LOCKED') {}
 export class DatabaseCorruptError extends kind('ERR_DATABASE_CORRUPT') {}
 export class StoreClosedError extends kind('ERR_STORE_CLOSED') {}
 export class InvalidArgumentError extends kind('ERR_INVALID_ARGUMENT') {}
+/** etcd: the commit's lock was lost (its session expired, or its lock key is gone); nothing was written. */
+export class LockLostError extends kind('ERR_LOCK_LOST') {}
+/** etcd: no quorum answered within requestTimeoutMs; the message says whether the call wrote nothing or its outcome is unknown. */
+export class UnavailableError extends kind('ERR_UNAVAILABLE') {}
+/** etcd: authentication or authorization refused. */
+export class PermissionDeniedError extends kind('ERR_PERMISSION_DENIED') {}
 /** A failed read, write or sync. `errno` is the OS error number, `systemCode` its name. */
 export class IoError extends kind('ERR_IO') {
   errno?: number
@@ -75,6 +81,9 @@ export const errorClasses: Record<string, ErrorClass> = {
   ERR_DATABASE_CORRUPT: DatabaseCorruptError,
   ERR_STORE_CLOSED: StoreClosedError,
   ERR_INVALID_ARGUMENT: InvalidArgumentError,
+  ERR_LOCK_LOST: LockLostError,
+  ERR_UNAVAILABLE: UnavailableError,
+  ERR_PERMISSION_DENIED: PermissionDeniedError,
   ERR_IO: IoError,
 }
 

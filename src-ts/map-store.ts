@@ -167,6 +167,11 @@ export class MapStore<T = unknown> {
   get database(): Database {
     return this.#parts.database
   }
+  /** See Database.sync(): resolves once reads see everything committed anywhere before the call. */
+  async sync(): Promise<void> {
+    return this.database.sync()
+  }
+
 
   get closed(): boolean {
     return this.#closed || this.#parts.database.closed

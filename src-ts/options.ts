@@ -45,6 +45,14 @@ export interface DatabaseOptions {
    * process cannot be opened read-write beside it (DatabaseLockedError). Default false.
    */
   readOnly?: boolean
+  /** etcd: this process's session lease, in ms (whole seconds, rounded up): its locks die with it (default 10 000). */
+  sessionTtlMs?: number
+  /** etcd: every request is bounded by this (ms); no quorum within it → UnavailableError (default 5 000). */
+  requestTimeoutMs?: number
+  /** etcd: credentials of an etcd user. */
+  auth?: { username: string; password: string }
+  /** etcd over TLS (`etcds://`): PEM of the CA to trust, and a client certificate and key if the cluster checks clients. */
+  tls?: { ca?: string | Uint8Array; cert?: string | Uint8Array; key?: string | Uint8Array }
   /** Default wait for a held lock, in ms (default Infinity). */
   lockTimeoutMs?: number
   /** Receives warnings such as a lock handle collected while held. Silent by default. */
@@ -112,7 +120,54 @@ export function checkLogger(value: unknown): Logger | undefined {
   return logger
 }
 
-export function checkDatabaseOptions(options: DatabaseOptions): { durable: boolean; pageCacheBytes?: number; syncIntervalMs?: number; readOnly: boolean } {
+/** Whether `location` names an etcd cluster rather than a file. */
+export function isClusterUrl(location: string): boolean {
+  return location.startsWith('etcd://') || location.startsWith('etcds://')
+}
+
+export interface NativeOpenOptions {
+  durable: boolean
+  pageCacheBytes?: number
+  syncIntervalMs?: number
+  readOnly: boolean
+  sessionTtlMs?: number
+  requestTimeoutMs?: number
+  username?: string
+  password?: string
+  tlsCa?: Buffer
+  tlsCert?: Buffer
+  tlsKey?: Buffer
+}
+
+function pem(name: string, value: unknown): Buffer | undefined {
+  if (value === undefined) return undefined
+  if (typeof value === 'string') return Buffer.from(value)
+  if (value instanceof Uint8Array) return Buffer.from(value)
+  return invalid(name, value, 'a PEM string or bytes')
+}
+
+/** The options only a cluster takes, checked; file options a cluster cannot honour are refused. */
+function checkClusterOptions(options: DatabaseOptions, durability: Durability): Partial<NativeOpenOptions> {
+  if (durability === 'none') invalid('durability', durability, "'immediate' with etcd (a commit is durable once a quorum has it)")
+  if (options.readOnly === true) invalid('readOnly', true, 'false with etcd')
+  const { auth, tls } = options
+  checkObject('auth', auth)
+  checkObject('tls', tls)
+  if (auth !== undefined && (typeof auth.username !== 'string' || typeof auth.password !== 'string')) {
+    invalid('auth', auth, '{ username, password } strings')
+  }
+  return {
+    sessionTtlMs: integer('sessionTtlMs', options.sessionTtlMs, 1, 86_400_000),
+    requestTimeoutMs: integer('requestTimeoutMs', options.requestTimeoutMs, 1, 86_400_000),
+    username: auth?.username,
+    password: auth?.password,
+    tlsCa: pem('tls.ca', tls?.ca),
+    tlsCert: pem('tls.cert', tls?.cert),
+    tlsKey: pem('tls.key', tls?.key),
+  }
+}
+
+export function checkDatabaseOptions(options: DatabaseOptions, location = ''): NativeOpenOptions {
   checkObject('options', options)
   const { durability = 'immediate' } = options
   if (durability !== 'immediate' && durability !== 'none') invalid('durability', durability, "'immediate' or 'none'")
@@ -123,7 +178,8 @@ export function checkDatabaseOptions(options: DatabaseOptions): { durable: boole
   checkLogger(options.logger)
   const { readOnly = false } = options
   if (typeof readOnly !== 'boolean') invalid('readOnly', readOnly, 'a boolean')
-  return { durable: durability === 'immediate', pageCacheBytes: integer('pageCacheBytes', options.pageCacheBytes, 1 << 20), syncIntervalMs, readOnly }
+  const cluster = isClusterUrl(location) ? checkClusterOptions(options, durability) : {}
+  return { durable: durability === 'immediate', pageCacheBytes: integer('pageCacheBytes', options.pageCacheBytes, 1 << 20), syncIntervalMs, readOnly, ...cluster }
 }
 
 export function checkTableName(name: unknown): string {

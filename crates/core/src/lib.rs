@@ -25,6 +25,7 @@ mod locks;
 mod map;
 mod range;
 mod sequence;
+mod store;
 pub mod typed;
 
 pub use cache::CacheCounts;
@@ -32,10 +33,11 @@ pub use envelope::Record;
 pub use error::{Error, ErrorCode, Result};
 pub use file::maintenance::Backup;
 pub use file::storage::{Backend, DatabaseOptions, FORMAT_VERSION, MAX_RECORD_BYTES};
-pub use file::store::{check_integrity, Database, EntryGuard, MapStore, PreparedCommit};
+pub use file::store::check_integrity;
 pub use keys::{validate_key, KeyFormat, MAX_KEY_BYTES};
 pub use locks::{Acquire, Grant, GrantCallback, LockCounts, LockToken, OwnerId};
 pub use map::{
     Change, CommitCallback, CommitOptions, LockMode, LockedEntry, MapOptions, MapStats, NextKey,
 };
 pub use range::{EntryRange, RangeOptions, RawEntry};
+pub use store::{Database, EntryGuard, MapStore, PreparedCommit};

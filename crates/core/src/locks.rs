@@ -147,6 +147,7 @@ impl LockTable {
             .is_some_and(|lock| lock.token == token)
     }
 
+    #[cfg(feature = "etcd")]
     /// Whether anyone holds `key`'s lock.
     pub fn is_locked(&self, key: &str) -> bool {
         self.state().keys.contains_key(key)

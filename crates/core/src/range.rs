@@ -2,6 +2,8 @@
 
 use std::ops::Bound;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+#[cfg(feature = "etcd")]
+use std::sync::Arc;
 
 use redb::{OwnedAccessGuard, OwnedRange};
 
@@ -18,21 +20,71 @@ pub struct RangeOptions {
     pub limit: Option<u64>,
 }
 
-/// One stored entry, borrowed from the snapshot without a copy. Its key was checked to be
-/// UTF-8 when the walk yielded it (a damaged key ends the walk with `DatabaseCorrupt`).
-pub struct RawEntry {
-    key: OwnedAccessGuard<&'static str>,
-    record: OwnedAccessGuard<&'static [u8]>,
+/// One stored entry: borrowed from the file's snapshot without a copy, or shared with a
+/// cluster replica's. A file key was checked to be UTF-8 when the walk yielded it (a damaged key
+/// ends the walk with `DatabaseCorrupt`).
+pub struct RawEntry(Raw);
+
+enum Raw {
+    File {
+        key: OwnedAccessGuard<&'static str>,
+        record: OwnedAccessGuard<&'static [u8]>,
+    },
+    #[cfg(feature = "etcd")]
+    Replica { key: String, record: Arc<[u8]> },
 }
 
 impl RawEntry {
     pub fn key(&self) -> &str {
-        self.key.value()
+        match &self.0 {
+            Raw::File { key, .. } => key.value(),
+            #[cfg(feature = "etcd")]
+            Raw::Replica { key, .. } => key,
+        }
     }
 
     /// The record envelope (see [`crate::envelope`]).
     pub fn record(&self) -> &[u8] {
-        self.record.value()
+        match &self.0 {
+            Raw::File { record, .. } => record.value(),
+            #[cfg(feature = "etcd")]
+            Raw::Replica { record, .. } => record,
+        }
+    }
+}
+
+/// What a walk steps through: a range of a file's snapshot, or of a replica's.
+enum Walk {
+    File(Box<OwnedRange<&'static str, &'static [u8]>>),
+    #[cfg(feature = "etcd")]
+    Replica(ReplicaWalk),
+}
+
+/// A walk over a cluster replica's snapshot (a persistent map, so taking it cost nothing): the
+/// bounds close in behind each step.
+#[cfg(feature = "etcd")]
+struct ReplicaWalk {
+    map: crate::etcd::Snapshot,
+    lower: Bound<String>,
+    upper: Bound<String>,
+}
+
+#[cfg(feature = "etcd")]
+impl ReplicaWalk {
+    fn step(&mut self, reverse: bool) -> Option<(String, Arc<[u8]>)> {
+        let mut range = self.map.range((self.lower.clone(), self.upper.clone()));
+        let (key, record) = if reverse {
+            range.next_back()?
+        } else {
+            range.next()?
+        };
+        let (key, record) = (key.clone(), record.clone());
+        if reverse {
+            self.upper = Bound::Excluded(key.clone());
+        } else {
+            self.lower = Bound::Excluded(key.clone());
+        }
+        Some((key, record))
     }
 }
 
@@ -47,7 +99,7 @@ pub(crate) trait WalkSource: Send + Sync {
 
 /// A live walk; holds its snapshot until dropped.
 pub struct EntryRange {
-    inner: Option<OwnedRange<&'static str, &'static [u8]>>,
+    inner: Option<Walk>,
     prefix: Option<String>,
     reverse: bool,
     remaining: Option<u64>,
@@ -133,11 +185,11 @@ impl EntryRange {
             Some(table) if !bounds.empty && options.limit != Some(0) => {
                 let lower = bound_ref(&bounds.lower);
                 let upper = bound_ref(&bounds.upper);
-                Some(
+                Some(Walk::File(Box::new(
                     table
                         .range_owned::<&str>((lower, upper))
                         .map_err(|e| crate::error::from_storage(path, e))?,
-                )
+                )))
             }
             _ => None,
         };
@@ -147,6 +199,32 @@ impl EntryRange {
             reverse: options.reverse,
             remaining: options.limit,
             path: path.to_string(),
+            source,
+        })
+    }
+
+    /// A walk over a cluster replica's snapshot of one map.
+    #[cfg(feature = "etcd")]
+    pub(crate) fn replica(
+        map: crate::etcd::Snapshot,
+        options: &RangeOptions,
+        location: &str,
+        source: std::sync::Arc<dyn WalkSource>,
+    ) -> Result<Self> {
+        let bounds = options.bounds()?;
+        let inner = (!bounds.empty && options.limit != Some(0)).then(|| {
+            Walk::Replica(ReplicaWalk {
+                map,
+                lower: bounds.lower,
+                upper: bounds.upper,
+            })
+        });
+        Ok(EntryRange {
+            inner,
+            prefix: options.prefix.clone().filter(|p| !p.is_empty()),
+            reverse: options.reverse,
+            remaining: options.limit,
+            path: location.to_string(),
             source,
         })
     }
@@ -173,6 +251,7 @@ fn bound_ref(bound: &Bound<String>) -> Bound<&str> {
 impl Iterator for EntryRange {
     type Item = Result<RawEntry>;
 
+    #[cfg_attr(not(feature = "etcd"), allow(clippy::infallible_destructuring_match))]
     fn next(&mut self) -> Option<Self::Item> {
         if self.remaining == Some(0) {
             self.finish();
@@ -184,6 +263,20 @@ impl Iterator for EntryRange {
             return Some(Err(Error::StoreClosed));
         }
         let reverse = self.reverse;
+        let inner = match inner {
+            Walk::File(inner) => inner,
+            #[cfg(feature = "etcd")]
+            Walk::Replica(walk) => {
+                let Some((key, record)) = walk.step(reverse) else {
+                    self.finish();
+                    return None;
+                };
+                if let Some(n) = self.remaining.as_mut() {
+                    *n -= 1;
+                }
+                return Some(Ok(RawEntry(Raw::Replica { key, record })));
+            }
+        };
         let step = crate::error::guard_damage(&self.path, || {
             Ok(if reverse {
                 inner.next_back()
@@ -230,7 +323,7 @@ impl Iterator for EntryRange {
                 if let Some(n) = self.remaining.as_mut() {
                     *n -= 1;
                 }
-                Some(Ok(RawEntry { key, record }))
+                Some(Ok(RawEntry(Raw::File { key, record })))
             }
         }
     }

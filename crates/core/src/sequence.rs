@@ -76,6 +76,7 @@ impl KeySequence {
         (served, again)
     }
 
+    #[cfg(feature = "etcd")]
     /// As [`KeySequence::leased`], for a lease of `[start, until)` taken from a counter that
     /// other processes lease from too (etcd): numbers below `start` may be theirs, so the
     /// waiters are served from `start` on.

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::envelope::{self, Record};
 use crate::error::{Error, Result};
-use crate::file::store::{EntryGuard, MapStore};
+use crate::store::{EntryGuard, MapStore};
 
 /// The codec name the Node package records for MessagePack tables.
 pub const MSGPACK: &str = "msgpack";

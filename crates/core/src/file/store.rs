@@ -155,12 +155,8 @@ impl Database {
     }
 
     /// Waits for this handle's commits in flight, releases its locks and rejects its waiters;
-    /// closes the file if this was its last handle. Idempotent.
-    pub fn close(&self) {
-        let _ = self.handle.close();
-    }
-
-    /// As [`Database::close`], and says whether anything acknowledged was lost: when this was
+    /// closes the file if this was its last handle (idempotent). Says whether anything
+    /// acknowledged was lost: when this was
     /// the last handle and the final sync failed (say the disk is still full), the non-durable
     /// commits since the last sync are gone, and the error says how many transactions.
     pub fn try_close(&self) -> Result<()> {
@@ -172,12 +168,6 @@ impl Database {
             return Err(Error::StoreClosed);
         }
         Ok(())
-    }
-
-    /// Writes a consistent copy of the whole file, as of one snapshot, to `dest` (which must not
-    /// exist). Commits go on meanwhile. Blocks the calling thread for the copy.
-    pub fn backup(&self, dest: impl AsRef<Path>) -> Result<()> {
-        self.begin_backup(dest)?.run()
     }
 
     /// Takes the snapshot for a backup now; run the copy later, on any thread.
@@ -698,12 +688,6 @@ impl MapStore {
             locked,
             held: true,
         })
-    }
-
-    /// Creates an entry under a fresh auto key, locked.
-    pub fn lock_new_auto(&self) -> Result<EntryGuard> {
-        let key = self.next_key_blocking()?;
-        self.lock(&key, LockMode::New, None)
     }
 
     pub fn next_key_blocking(&self) -> Result<String> {
