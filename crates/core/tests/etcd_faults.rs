@@ -127,7 +127,7 @@ fn every_acknowledged_commit_survives_a_killed_leader() {
         .collect();
     drop(acked_tx);
     let mut acked: HashMap<String, String> = HashMap::new();
-    let mut take = |n: usize, acked: &mut HashMap<String, String>| {
+    let take = |n: usize, acked: &mut HashMap<String, String>| {
         for _ in 0..n {
             let (k, v) = acked_rx.recv().unwrap();
             acked.insert(k, v);
