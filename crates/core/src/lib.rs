@@ -31,7 +31,6 @@ pub mod typed;
 pub use cache::CacheCounts;
 pub use envelope::Record;
 pub use error::{Error, ErrorCode, Result};
-pub use file::maintenance::Backup;
 pub use file::storage::{Backend, DatabaseOptions, FORMAT_VERSION, MAX_RECORD_BYTES};
 pub use file::store::check_integrity;
 pub use keys::{validate_key, KeyFormat, MAX_KEY_BYTES};
@@ -40,4 +39,4 @@ pub use map::{
     Change, CommitCallback, CommitOptions, LockMode, LockedEntry, MapOptions, MapStats, NextKey,
 };
 pub use range::{EntryRange, RangeOptions, RawEntry};
-pub use store::{Database, EntryGuard, MapStore, PreparedCommit};
+pub use store::{Backup, Database, EntryGuard, MapStore, PreparedCommit};

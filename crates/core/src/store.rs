@@ -10,6 +10,9 @@ use crate::envelope::Record;
 use crate::error::{Error, Result};
 #[cfg(feature = "etcd")]
 use crate::etcd::{ClusterCommit, ClusterDatabase, ClusterGuard, ClusterMap, ClusterOptions};
+use crate::file::maintenance::FileBackup;
+#[cfg(feature = "etcd")]
+use crate::file::maintenance::{check_backup_dest, write_store, MapContents};
 use crate::file::storage::DatabaseOptions;
 use crate::file::store as file;
 use crate::locks::{Acquire, Grant, GrantCallback, LockToken};
@@ -55,6 +58,8 @@ type ClusterMap = ();
 type ClusterCommit = ();
 #[cfg(not(feature = "etcd"))]
 type ClusterGuard = ();
+#[cfg(not(feature = "etcd"))]
+type ClusterBackup = ();
 
 /// A handle on a store: a file, or a cluster and prefix. Cheap to clone; every clone is the
 /// same handle.
@@ -173,14 +178,26 @@ impl Database {
         self.begin_backup(dest)?.run()
     }
 
-    /// Takes the snapshot for a backup now; run the copy later, on any thread.
-    pub fn begin_backup(&self, dest: impl AsRef<Path>) -> Result<crate::file::maintenance::Backup> {
-        match &self.0 {
-            Storage::File(db) => db.begin_backup(dest),
-            _ => Err(Error::invalid(
-                "backup of a cluster is not available yet: use `kvstore copy` (see README)",
-            )),
-        }
+    /// Begins a backup to the new file `dest` (refused at once when it exists): a file's
+    /// snapshot is taken now; a cluster's revision is read when the copy runs. Run the copy
+    /// later, on any thread (not on a runtime thread of the etcd backend).
+    pub fn begin_backup(&self, dest: impl AsRef<Path>) -> Result<Backup> {
+        Ok(Backup(match &self.0 {
+            Storage::File(db) => Storage::File(db.begin_backup(dest)?),
+            #[cfg(feature = "etcd")]
+            Storage::Cluster(db) => {
+                if db.is_closed() {
+                    return Err(Error::StoreClosed);
+                }
+                check_backup_dest(dest.as_ref())?;
+                Storage::Cluster(ClusterBackup {
+                    db: db.clone(),
+                    dest: dest.as_ref().to_path_buf(),
+                })
+            }
+            #[cfg(not(feature = "etcd"))]
+            Storage::Never(never, _) => absurd(never),
+        }))
     }
 
     /// Compacts the file (or the cluster's history); `done` hears whether anything was
@@ -262,6 +279,53 @@ impl Database {
                 _ => None,
             })
             .collect()
+    }
+}
+
+/// A begun backup (see [`Database::begin_backup`]): [`Backup::run`] writes the new file.
+pub struct Backup(Storage<FileBackup, ClusterBackup>);
+
+impl Backup {
+    /// Writes every map into a new file beside the destination, under a name of its own, and
+    /// moves it into place only when complete, never over an existing file. Only that file is
+    /// ever removed. Closing the store meanwhile ends the copy ([`Error::StoreClosed`]).
+    pub fn run(self) -> Result<()> {
+        each!(self.0, backup => backup.run())
+    }
+}
+
+/// A backup of a cluster store: every map of the prefix as of one revision, with its codec and
+/// auto-key bookkeeping, as an ordinary kvstore file.
+#[cfg(feature = "etcd")]
+pub(crate) struct ClusterBackup {
+    db: ClusterDatabase,
+    dest: std::path::PathBuf,
+}
+
+#[cfg(feature = "etcd")]
+impl ClusterBackup {
+    fn run(self) -> Result<()> {
+        let check = || {
+            if self.db.is_closed() {
+                return Err(Error::StoreClosed);
+            }
+            Ok(())
+        };
+        check()?;
+        let (revision, maps) = self.db.snapshot_all()?;
+        let mut auto_keys = self.db.auto_keys(revision)?;
+        check()?;
+        let maps = maps.iter().map(|(name, codec, entries)| {
+            let (leased_until, key_format) = auto_keys.remove(name).unwrap_or_default();
+            MapContents {
+                name: name.clone(),
+                codec: codec.clone(),
+                leased_until,
+                key_format,
+                entries: entries.iter(),
+            }
+        });
+        write_store(&self.dest, maps, &check)
     }
 }
 

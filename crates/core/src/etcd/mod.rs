@@ -51,6 +51,10 @@ pub use self::replica::{NamedSnapshot, ReplicaStats, Snapshot};
 /// Largest record one commit may write to a cluster with etcd's default request limit.
 pub const MAX_CLUSTER_RECORD_BYTES: usize = client::MAX_REQUEST_BYTES - client::REQUEST_OVERHEAD;
 
+/// Each map's auto-key bookkeeping (see [`ClusterDatabase::auto_keys`]): name → (the end of
+/// its last auto-key lease, the format its auto keys are made in), each when recorded.
+pub type AutoKeys = HashMap<String, (Option<u64>, Option<KeyFormat>)>;
+
 /// Options of the connection; the first opener of a cluster and prefix in a process decides.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -311,6 +315,62 @@ impl ClusterDatabase {
     pub fn snapshot_all(&self) -> Result<(i64, Vec<NamedSnapshot>)> {
         self.check_open()?;
         block_on("snapshot the store", self.core().snapshot_all())
+    }
+
+    /// Read-only: the auto-key bookkeeping of every map under the prefix as of `revision` (as
+    /// [`ClusterDatabase::snapshot_all`] returned it), or as of now when etcd has compacted that
+    /// revision away (a counter read later is still past every number handed out by then).
+    pub fn auto_keys(&self, revision: i64) -> Result<AutoKeys> {
+        self.check_open()?;
+        let core = self.core().clone();
+        let (seq_prefix, keys_prefix) = (core.layout.seq_key(""), core.layout.keys_key(""));
+        let meta = format!("{}meta/", core.layout.root());
+        let what = "reading the auto-key counters";
+        let answer = block_on(what, async {
+            for at in [revision, 0] {
+                let mut options = etcd_client::GetOptions::new().with_prefix();
+                if at > 0 {
+                    options = options.with_revision(at);
+                }
+                let read = core
+                    .cluster
+                    .call(what, client::Effect::Nothing, || {
+                        let mut kv = core.cluster.kv.clone();
+                        let (key, options) = (meta.clone(), options.clone());
+                        async move {
+                            match kv.get(key, Some(options)).await {
+                                Ok(answer) => Ok(Some(answer)),
+                                Err(e) if client::classify(&e).0 == client::Kind::Compacted => {
+                                    Ok(None)
+                                }
+                                Err(e) => Err(e),
+                            }
+                        }
+                    })
+                    .await?;
+                if let Some(answer) = read {
+                    return Ok(answer);
+                }
+            }
+            Err(client::unavailable(
+                what,
+                client::Effect::Nothing,
+                "compacted",
+            ))
+        })?;
+        let mut found = AutoKeys::new();
+        for kv in answer.kvs() {
+            let key = String::from_utf8_lossy(kv.key());
+            if let Some(name) = key.strip_prefix(&seq_prefix) {
+                let name = layout::unescape_table(name);
+                let until = self::core::parse_counter(kv.value(), &name)?;
+                found.entry(name).or_default().0 = Some(until);
+            } else if let Some(name) = key.strip_prefix(&keys_prefix) {
+                let format = KeyFormat::decode(kv.value());
+                found.entry(layout::unescape_table(name)).or_default().1 = format;
+            }
+        }
+        Ok(found)
     }
 
     /// The replica's revision, lag and connection.

@@ -13,24 +13,25 @@ use crate::cache::EntryCache;
 use crate::error::{from_redb, Error, ErrorCode, Result};
 use crate::file::backups::BackupTicket;
 use crate::file::instance::Instance;
-use crate::file::storage::{StoreFile, META_TABLE};
+use crate::file::storage::{StoreFile, FORMAT_KEY, FORMAT_VERSION, META_TABLE};
+use crate::keys::KeyFormat;
 
 /// Entries copied per write transaction of a backup, so a large copy does not build one huge
 /// transaction in memory.
 const BACKUP_CHUNK: usize = 10_000;
 
-/// A backup whose snapshot is taken: [`Backup::run`] copies it, on any thread. Closing the
-/// store (or its reopening after an I/O error) ends the copy with that reason.
-pub struct Backup {
+/// A backup of a file whose snapshot is taken: [`FileBackup::run`] copies it, on any thread.
+/// Closing the store (or its reopening after an I/O error) ends the copy with that reason.
+pub struct FileBackup {
     snapshot: redb::ReadTransaction,
     source: String,
     dest: PathBuf,
     ticket: BackupTicket,
 }
 
-/// Takes the snapshot a backup will copy. Writers are not held up (MVCC).
-pub(crate) fn begin_backup(file: &StoreFile, dest: &Path) -> Result<Backup> {
-    let source = file.path().to_string();
+/// Refuses a backup destination that is no path or already exists (checked again, atomically,
+/// when the copy is published).
+pub(crate) fn check_backup_dest(dest: &Path) -> Result<()> {
     crate::file::storage::check_path(dest, "a backup destination")?;
     if std::fs::symlink_metadata(dest).is_ok() {
         return Err(Error::invalid(format!(
@@ -38,10 +39,17 @@ pub(crate) fn begin_backup(file: &StoreFile, dest: &Path) -> Result<Backup> {
             dest.display()
         )));
     }
+    Ok(())
+}
+
+/// Takes the snapshot a backup will copy. Writers are not held up (MVCC).
+pub(crate) fn begin_backup(file: &StoreFile, dest: &Path) -> Result<FileBackup> {
+    let source = file.path().to_string();
+    check_backup_dest(dest)?;
     crate::error::guard_damage(&source, || {
         let (db, ticket) = file.db_for_backup()?;
         let snapshot = db.begin_read().map_err(|e| from_redb(&source, e.into()))?;
-        Ok(Backup {
+        Ok(FileBackup {
             snapshot,
             source: source.clone(),
             dest: dest.to_path_buf(),
@@ -50,32 +58,18 @@ pub(crate) fn begin_backup(file: &StoreFile, dest: &Path) -> Result<Backup> {
     })
 }
 
-impl Backup {
-    /// Copies every table of the snapshot into a new file, created beside the destination under
-    /// a name of its own, and moves it into place only when complete, never over an existing
-    /// file. Only that file is ever removed.
+impl FileBackup {
+    /// Copies every table of the snapshot into a new file (see [`NewFile`]).
     pub fn run(self) -> Result<()> {
         let _copying = self.ticket.start()?;
-        let (partial, file) = create_partial(&self.dest)?;
-        let copied = crate::error::guard_damage(&self.source, || self.copy(&partial, file))
-            .and_then(|()| {
-                self.ticket.check()?;
-                publish(&partial, &self.dest)
-            });
-        if copied.is_err() {
-            let _ = std::fs::remove_file(&partial);
-        }
-        copied
+        let target = NewFile::create(&self.dest)?;
+        crate::error::guard_damage(&self.source, || self.copy(&target))?;
+        self.ticket.check()?;
+        target.publish(&self.dest)
     }
 
-    fn copy(&self, partial: &Path, file: std::fs::File) -> Result<()> {
-        let shown = partial.display().to_string();
+    fn copy(&self, target: &NewFile) -> Result<()> {
         let source_err = |e: redb::Error| from_redb(&self.source, e);
-        let target_err = |e: redb::Error| from_redb(&shown, e);
-        let backend = FileBackend::new(file).map_err(|e| target_err(e.into()))?;
-        let target = redb::Database::builder()
-            .create_with_backend(backend)
-            .map_err(|e| target_err(e.into()))?;
         let names: Vec<String> = self
             .snapshot
             .list_tables()
@@ -88,35 +82,187 @@ impl Backup {
                 .snapshot
                 .open_table(definition)
                 .map_err(|e| source_err(e.into()))?;
-            let mut entries = source.iter().map_err(|e| source_err(e.into()))?.peekable();
-            loop {
-                self.ticket.check()?;
-                let mut txn = target.begin_write().map_err(|e| target_err(e.into()))?;
-                txn.set_durability(redb::Durability::None)
-                    .map_err(|e| target_err(e.into()))?;
-                {
-                    // Opening the table creates it even when the source table is empty.
-                    let mut table = txn
-                        .open_table(definition)
-                        .map_err(|e| target_err(e.into()))?;
-                    for _ in 0..BACKUP_CHUNK {
-                        let Some(item) = entries.next() else { break };
-                        let (key, value) = item.map_err(|e| source_err(e.into()))?;
-                        table
-                            .insert(key.value(), value.value())
-                            .map_err(|e| target_err(e.into()))?;
-                    }
-                }
-                txn.commit().map_err(|e| target_err(e.into()))?;
-                if entries.peek().is_none() {
-                    break;
+            let entries = source.iter().map_err(|e| source_err(e.into()))?;
+            target.write_table(
+                &name,
+                entries.map(|item| {
+                    item.map(|(key, record)| Guarded(key, record))
+                        .map_err(|e| source_err(e.into()))
+                }),
+                &|| self.ticket.check(),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// One entry to write into a new file, as a redb table iterator or a map gives it.
+pub(crate) trait EntryBytes {
+    fn key(&self) -> &str;
+    fn record(&self) -> &[u8];
+}
+
+/// An entry of a redb table being copied.
+struct Guarded<'a>(
+    redb::AccessGuard<'a, &'static str>,
+    redb::AccessGuard<'a, &'static [u8]>,
+);
+
+impl EntryBytes for Guarded<'_> {
+    fn key(&self) -> &str {
+        self.0.value()
+    }
+
+    fn record(&self) -> &[u8] {
+        self.1.value()
+    }
+}
+
+impl<K: AsRef<str>, V: AsRef<[u8]>> EntryBytes for (K, V) {
+    fn key(&self) -> &str {
+        self.0.as_ref()
+    }
+
+    fn record(&self) -> &[u8] {
+        self.1.as_ref()
+    }
+}
+
+/// One map of a store to write into a new file: its name, its codec, its auto-key bookkeeping
+/// (the end of the last lease and the key format, when it has them) and its entries.
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))] // the cluster backup's
+pub(crate) struct MapContents<I> {
+    pub name: String,
+    pub codec: String,
+    pub leased_until: Option<u64>,
+    pub key_format: Option<KeyFormat>,
+    pub entries: I,
+}
+
+/// Writes `maps` as a new kvstore file at `dest` (FORMAT.md: a `map:<name>` table per map and
+/// the bookkeeping table with the format, each map's codec and auto-key bookkeeping), created
+/// and published as [`NewFile`] does. `check` runs between chunks: an error from it ends the
+/// copy.
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))] // the cluster backup's
+pub(crate) fn write_store<I, E>(
+    dest: &Path,
+    maps: impl IntoIterator<Item = MapContents<I>>,
+    check: &dyn Fn() -> Result<()>,
+) -> Result<()>
+where
+    I: Iterator<Item = E>,
+    E: EntryBytes,
+{
+    let target = NewFile::create(dest)?;
+    let mut meta: Vec<(String, Vec<u8>)> = vec![(
+        FORMAT_KEY.to_string(),
+        FORMAT_VERSION.to_le_bytes().to_vec(),
+    )];
+    for map in maps {
+        target.write_table(&format!("map:{}", map.name), map.entries.map(Ok), check)?;
+        meta.push((format!("codec:{}", map.name), map.codec.into_bytes()));
+        if let Some(until) = map.leased_until {
+            meta.push((format!("seq:{}", map.name), until.to_le_bytes().to_vec()));
+        }
+        if let Some(format) = map.key_format {
+            meta.push((format!("keys:{}", map.name), format.encode().into_bytes()));
+        }
+    }
+    target.write_table(META_TABLE.name(), meta.into_iter().map(Ok), check)?;
+    check()?;
+    target.publish(dest)
+}
+
+/// A new file being written: created exclusively beside its destination under a name of its
+/// own, filled table by table, and moved into place only when complete, never over an existing
+/// file ([`NewFile::publish`]). Dropped unpublished, it removes its working file, and only that.
+pub(crate) struct NewFile {
+    partial: PathBuf,
+    shown: String,
+    db: Option<redb::Database>,
+}
+
+impl NewFile {
+    pub(crate) fn create(dest: &Path) -> Result<NewFile> {
+        let (partial, file) = create_partial(dest)?;
+        let shown = partial.display().to_string();
+        let mut new = NewFile {
+            partial,
+            shown,
+            db: None,
+        };
+        let backend = FileBackend::new(file).map_err(|e| new.err(e.into()))?;
+        let db = redb::Database::builder()
+            .create_with_backend(backend)
+            .map_err(|e| new.err(e.into()))?;
+        new.db = Some(db);
+        Ok(new)
+    }
+
+    fn err(&self, e: redb::Error) -> Error {
+        from_redb(&self.shown, e)
+    }
+
+    /// Writes the redb table `name` (created even when `entries` is empty), in transactions of
+    /// [`BACKUP_CHUNK`] entries that are not durable yet ([`NewFile::publish`] makes them so).
+    /// `check` runs before each chunk.
+    pub(crate) fn write_table<E: EntryBytes>(
+        &self,
+        name: &str,
+        entries: impl Iterator<Item = Result<E>>,
+        check: &dyn Fn() -> Result<()>,
+    ) -> Result<()> {
+        let Some(target) = &self.db else {
+            return Err(Error::StoreClosed);
+        };
+        let definition = TableDefinition::<&str, &[u8]>::new(name);
+        let mut entries = entries.peekable();
+        loop {
+            check()?;
+            let mut txn = target.begin_write().map_err(|e| self.err(e.into()))?;
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| self.err(e.into()))?;
+            {
+                // Opening the table creates it even when there is nothing to copy.
+                let mut table = txn.open_table(definition).map_err(|e| self.err(e.into()))?;
+                for _ in 0..BACKUP_CHUNK {
+                    let Some(item) = entries.next() else { break };
+                    let item = item?;
+                    table
+                        .insert(item.key(), item.record())
+                        .map_err(|e| self.err(e.into()))?;
                 }
             }
+            txn.commit().map_err(|e| self.err(e.into()))?;
+            if entries.peek().is_none() {
+                return Ok(());
+            }
         }
-        self.ticket.check()?;
-        // One durable commit makes everything above durable.
-        let txn = target.begin_write().map_err(|e| target_err(e.into()))?;
-        txn.commit().map_err(|e| target_err(e.into()))
+    }
+
+    /// Makes everything written durable, closes the file and moves it to `dest` unless
+    /// something appeared there meanwhile.
+    pub(crate) fn publish(mut self, dest: &Path) -> Result<()> {
+        let Some(target) = self.db.take() else {
+            return Err(Error::StoreClosed);
+        };
+        // One durable commit makes everything before it durable.
+        let txn = target.begin_write().map_err(|e| self.err(e.into()))?;
+        txn.commit().map_err(|e| self.err(e.into()))?;
+        drop(target);
+        publish(&self.partial, dest)?;
+        // Published, and the working name removed: nothing is left for drop to remove.
+        self.partial = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for NewFile {
+    fn drop(&mut self) {
+        drop(self.db.take());
+        if !self.partial.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.partial);
+        }
     }
 }
 
@@ -318,3 +464,111 @@ fn compact_in_slot(file: &StoreFile, slot: &mut Option<Arc<Instance>>) -> Result
 /// How long compaction waits, at most, for reads already under way: tries × pause.
 const READ_WAIT_TRIES: usize = 500;
 const READ_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Database, DatabaseOptions, ErrorCode, MapOptions};
+
+    fn map(
+        name: &str,
+        codec: &str,
+        leased_until: Option<u64>,
+        key_format: Option<KeyFormat>,
+        entries: &[(&str, &[u8])],
+    ) -> MapContents<std::vec::IntoIter<(String, Vec<u8>)>> {
+        let entries: Vec<(String, Vec<u8>)> = entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .collect();
+        MapContents {
+            name: name.into(),
+            codec: codec.into(),
+            leased_until,
+            key_format,
+            entries: entries.into_iter(),
+        }
+    }
+
+    #[test]
+    fn write_store_makes_a_file_with_codecs_entries_and_auto_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("new.redb");
+        let base10 = KeyFormat::new(6, 10).unwrap();
+        let many: Vec<(String, Vec<u8>)> = (0..BACKUP_CHUNK + 5)
+            .map(|i| (format!("k{i:06}"), vec![1, 0, i as u8]))
+            .collect();
+        let maps = vec![
+            map(
+                "jobs",
+                "msgpack",
+                Some(42),
+                Some(base10),
+                &[("a/b", b"\x01\x00x")],
+            ),
+            map("empty", "custom-codec", None, None, &[]),
+            MapContents {
+                name: "many".into(),
+                codec: "raw".into(),
+                leased_until: None,
+                key_format: None,
+                entries: many.clone().into_iter(),
+            },
+        ];
+        write_store(&dest, maps, &|| Ok(())).unwrap();
+        // Never over an existing file, and its working file is gone.
+        let again = write_store(&dest, vec![map("x", "raw", None, None, &[])], &|| Ok(()));
+        assert_eq!(again.unwrap_err().code(), ErrorCode::InvalidArgument);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1);
+
+        let db = Database::open(&dest, DatabaseOptions::default()).unwrap();
+        let mut tables = db.tables().unwrap();
+        tables.sort();
+        assert_eq!(
+            tables,
+            vec![
+                ("empty".to_string(), "custom-codec".to_string()),
+                ("jobs".to_string(), "msgpack".to_string()),
+                ("many".to_string(), "raw".to_string()),
+            ]
+        );
+        let options = |codec: &str, keys: KeyFormat| MapOptions {
+            codec: codec.into(),
+            keys,
+            ..MapOptions::default()
+        };
+        let jobs = db.map_store("jobs", options("msgpack", base10)).unwrap();
+        assert_eq!(jobs.get("a/b").unwrap().as_deref(), Some(&b"\x01\x00x"[..]));
+        // Auto keys resume after the recorded lease, in the recorded format.
+        assert_eq!(jobs.next_key_blocking().unwrap(), "000042");
+        let other = db.map_store("jobs", options("msgpack", KeyFormat::default()));
+        let refused = other.and_then(|m| m.next_key_blocking());
+        assert_eq!(refused.unwrap_err().code(), ErrorCode::InvalidArgument);
+        let many_store = db
+            .map_store("many", options("raw", KeyFormat::default()))
+            .unwrap();
+        let count = many_store.count(&Default::default()).unwrap();
+        assert_eq!(count, many.len() as u64);
+        assert_eq!(
+            many_store.get("k010004").unwrap().as_deref(),
+            Some(&[1u8, 0, 10004u32 as u8][..])
+        );
+        let mismatch = db.map_store("empty", options("json", KeyFormat::default()));
+        assert_eq!(mismatch.err().unwrap().code(), ErrorCode::CodecMismatch);
+        db.close();
+    }
+
+    #[test]
+    fn write_store_stopped_by_its_check_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("new.redb");
+        let stopped = write_store(
+            &dest,
+            vec![map("m", "raw", None, None, &[("k", b"\x01\x00")])],
+            &|| Err(Error::StoreClosed),
+        );
+        assert_eq!(stopped.unwrap_err().code(), ErrorCode::StoreClosed);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}

@@ -23,7 +23,7 @@ use crate::map::MapOptions;
 use crate::sequence::KeySequence;
 
 pub(crate) const META_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("kvstore:meta");
-const FORMAT_KEY: &str = "format";
+pub(crate) const FORMAT_KEY: &str = "format";
 /// Version of the on-disk layout (tables, meta keys, envelope); see FORMAT.md.
 pub const FORMAT_VERSION: u64 = 1;
 /// Largest record (envelope + value) one commit may write.

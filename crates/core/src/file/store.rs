@@ -171,7 +171,10 @@ impl Database {
     }
 
     /// Takes the snapshot for a backup now; run the copy later, on any thread.
-    pub fn begin_backup(&self, dest: impl AsRef<Path>) -> Result<crate::file::maintenance::Backup> {
+    pub fn begin_backup(
+        &self,
+        dest: impl AsRef<Path>,
+    ) -> Result<crate::file::maintenance::FileBackup> {
         self.check_open()?;
         crate::file::maintenance::begin_backup(&self.handle.shared, dest.as_ref())
     }
