@@ -1,8 +1,10 @@
 #!/usr/bin/env node
-// kvstore <command> <file> — look inside a store from the shell. Values are shown as JSON. A dump
-// carries the table's codec (a header line) and each value's stored bytes (base64), so `load`
-// recreates the table byte for byte; the JSON `value` beside them is for reading.
-import { existsSync, readFileSync } from 'node:fs'
+// kvstore <command> <store> — look inside a store from the shell: a file, or an etcd cluster and
+// prefix (etcd://host:port[,host:port…]/prefix). Values are shown as JSON. A dump carries the
+// table's codec (a header line) and each value's stored bytes (base64), so `load` recreates the
+// table byte for byte; the JSON `value` beside them is for reading. `copy` moves every map from
+// one store to another through the same API, with each map's codec and each entry's bytes.
+import { existsSync, readFileSync, realpathSync } from 'node:fs'
 import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 import { codecs, type Codec } from './codecs'
@@ -10,36 +12,61 @@ import { Database } from './database'
 import { checkMetadata, type Metadata } from './envelope'
 import { KvStoreError } from './errors'
 import type { MapStore } from './map-store'
+import { isClusterUrl } from './options'
 
 const HELP: Record<string, string> = {
-  stats: 'kvstore stats <file> [--table name]\n  Entries, file size, cache, locks and commit counts, as JSON.',
-  ls: 'kvstore ls <file> [--table name] [--prefix p] [--limit n]\n  One key per line, in key order.',
-  get: 'kvstore get <file> <key> [--table name]\n  The entry as JSON: { key, value, metadata }.',
+  stats: 'kvstore stats <store> [--table name]\n  Entries, file size, cache, locks and commit counts, as JSON.',
+  ls: 'kvstore ls <store> [--table name] [--prefix p] [--limit n]\n  One key per line, in key order.',
+  get: 'kvstore get <store> <key> [--table name]\n  The entry as JSON: { key, value, metadata }.',
   dump: [
-    'kvstore dump <file> [--table name]',
+    'kvstore dump <store> [--table name]',
     '  The table as JSON lines on stdout: a header { kvstore: "dump", format: 1, table, codec }, then',
     '  { key, value, metadata, bytes } per entry; bytes is the stored value (base64), value its JSON',
     '  reading (absent for raw and unknown codecs).',
   ].join('\n'),
   load: [
-    'kvstore load <file> [--table name]',
+    'kvstore load <store> [--table name]',
     "  Reads JSON lines from stdin and creates or replaces each entry. The table is --table, else the",
     "  header's, else 'default'; a new table gets the header's codec. An entry is stored from its",
     '  bytes (base64) when given, else its value is encoded with the codec. Bad lines are reported by',
     '  number and skipped; the others are written; the exit code is 1 if any line was not loaded.',
   ].join('\n'),
-  tables: 'kvstore tables <file>\n  The maps in the file and their codecs.',
-  compact: 'kvstore compact <file>\n  Reclaims free space in the file.',
-  backup: 'kvstore backup <file> <dest>\n  Writes a consistent copy of the file to <dest>.',
+  tables: 'kvstore tables <store>\n  The maps in the store and their codecs.',
+  compact: 'kvstore compact <store>\n  Reclaims free space in the file (of a cluster: compacts its history).',
+  backup: [
+    'kvstore backup <store> <dest>',
+    '  Writes a consistent copy of the store (every map as of one snapshot; of a cluster, one',
+    '  revision) to the new file <dest>, which must not exist.',
+  ].join('\n'),
+  copy: [
+    'kvstore copy <from> <to> [--overwrite]',
+    '  Copies every map of <from> into <to> (a file, created if missing, or a cluster): each map',
+    '  with its codec, each entry with its stored value bytes and metadata. Refused, with nothing',
+    '  copied, when a map already has entries in <to> (or another codec there); --overwrite',
+    '  creates or replaces each copied key instead (other keys of <to> stay). Each map is read as',
+    '  of one snapshot. Auto-key positions are not copied (backup keeps them).',
+  ].join('\n'),
 }
 
-const USAGE = `usage: kvstore <command> <file> [options]\n\ncommands:\n${Object.values(HELP)
+const USAGE = `usage: kvstore <command> <store> [options]\n\n<store> is a file or etcd://host:port[,host:port…]/prefix (etcds:// for TLS).\n\ncommands:\n${Object.values(
+  HELP,
+)
   .map((h) => `  ${h.split('\n')[0]}`)
   .join('\n')}\n\nkvstore <command> --help for more.`
 
 class UsageError extends Error {}
 /** Some input was not taken; reported line by line already. */
 class IncompleteError extends Error {}
+
+/**
+ * Opens a store to read: a file read-only (it must exist; nothing in it changes), a cluster as
+ * it is (etcd has no read-only handle; its reads come from a replica loaded at open).
+ */
+async function openToRead(location: string): Promise<Database> {
+  if (isClusterUrl(location)) return Database.open(location)
+  if (!existsSync(location)) throw new UsageError(`no such file: ${location}`)
+  return Database.open(location, { readOnly: true })
+}
 
 /** JSON for reading: BigInts as strings (JSON has no integers that large). */
 const readable = (_key: string, value: unknown): unknown => (typeof value === 'bigint' ? value.toString() : value)
@@ -315,6 +342,118 @@ async function load(file: string, tableOption: string | undefined, out: Output):
   }
 }
 
+/** A file that must exist, opened read-write; or a cluster. */
+async function openExisting(location: string): Promise<Database> {
+  if (!isClusterUrl(location) && !existsSync(location)) throw new UsageError(`no such file: ${location}`)
+  return Database.open(location)
+}
+
+/** Whether two locations name one file (a cluster is compared once open). */
+function sameFile(a: string, b: string): boolean {
+  if (isClusterUrl(a) || isClusterUrl(b) || !existsSync(a) || !existsSync(b)) return false
+  return realpathSync(a) === realpathSync(b)
+}
+
+const plural = (n: number, one: string, many: string): string => `${n.toLocaleString('en-US')} ${n === 1 ? one : many}`
+
+/**
+ * Copies every map of `from` into `to` through the public API: each map opened on both sides
+ * with a codec that passes bytes through under the source codec's name, so the destination
+ * records that codec and each entry's value bytes and metadata are written as stored.
+ */
+async function copy(from: string, to: string, overwrite: boolean, out: Output): Promise<void> {
+  if (sameFile(from, to)) throw new UsageError(`'${from}' and '${to}' are the same store`)
+  const source = await openToRead(from)
+  try {
+    const dest = await Database.open(to)
+    try {
+      if (dest.path === source.path) throw new UsageError(`'${from}' and '${to}' are the same store`)
+      const maps = source.tables()
+      // Everything is checked before anything is written.
+      const there = new Map(dest.tables().map((t) => [t.name, t.codec]))
+      const refusals: string[] = []
+      let nonEmpty = false
+      for (const { name, codec } of maps) {
+        const codecThere = there.get(name)
+        if (codecThere === undefined) continue
+        if (codecThere !== codec) {
+          refusals.push(`map '${name}' is ${codec} in ${source.path} but ${codecThere} in ${dest.path}`)
+        } else if (!overwrite) {
+          const count = dest.mapStore(name, { codec: bytesCodec(codec) }).count()
+          if (count > 0) nonEmpty = true
+          if (count > 0) refusals.push(`map '${name}' already has ${plural(count, 'entry', 'entries')} in ${dest.path}`)
+        }
+      }
+      if (refusals.length > 0) {
+        const hint = nonEmpty ? ' (--overwrite replaces the keys it copies)' : ''
+        throw new Error(`${refusals.join('; ')}; nothing was copied${hint}`)
+      }
+      let copied = 0
+      let failed = 0
+      for (const { name, codec } of maps) {
+        const counts = await copyMap(source, dest, name, codec, overwrite)
+        copied += counts.copied
+        failed += counts.failed
+      }
+      await out.line(`copied ${plural(copied, 'entry', 'entries')} in ${plural(maps.length, 'map', 'maps')} from ${source.path} to ${dest.path}`)
+      if (failed > 0) throw new IncompleteError(`${plural(failed, 'entry was', 'entries were')} not copied`)
+    } finally {
+      await dest.close()
+    }
+  } finally {
+    await source.close()
+  }
+}
+
+/** One map's entries, as of one snapshot of the source, 256 writes in flight. */
+async function copyMap(source: Database, dest: Database, name: string, codec: string, overwrite: boolean): Promise<{ copied: number; failed: number }> {
+  const from = source.mapStore(name, { codec: bytesCodec(codec) })
+  // Opening the map records its codec in the destination, also for a map without entries.
+  const to = dest.mapStore(name, { codec: bytesCodec(codec) })
+  const bar = progress(`copied map '${name}':`)
+  const inFlight = new Set<Promise<void>>()
+  let copied = 0
+  let failed = 0
+  const report = (key: string, err: unknown): void => {
+    failed++
+    const why = err instanceof KvStoreError ? `${err.message} (${err.code})` : err instanceof Error ? err.message : String(err)
+    process.stderr.write(`kvstore: map '${name}', entry '${key}' not copied: ${why}\n`)
+  }
+  for (const item of from.getEntries()) {
+    let bytes: Uint8Array
+    let metadata: Metadata
+    try {
+      bytes = item.value
+      metadata = item.metadata
+    } catch (err) {
+      // A damaged envelope: neither its metadata nor its value can be told apart.
+      report(item.key, err)
+      continue
+    }
+    const key = item.key
+    const write = (async () => {
+      try {
+        // Without --overwrite the map was empty: a key that exists now was written meanwhile,
+        // and is not replaced.
+        const lock = await to.createAndLockEntry(key, { allowExisting: overwrite })
+        lock.entry.value = bytes
+        lock.entry.metadata = metadata
+        await lock.commit()
+        copied++
+        bar.tick()
+      } catch (err) {
+        report(key, err)
+      }
+    })()
+    inFlight.add(write)
+    void write.finally(() => inFlight.delete(write))
+    if (inFlight.size >= 256) await Promise.race(inFlight)
+  }
+  await Promise.all(inFlight)
+  bar.done()
+  return { copied, failed }
+}
+
 /** A record line checked and encoded, or why it cannot be taken. */
 function parseRecord(text: string, parsed: unknown, codec: string, encoder: Codec<unknown> | undefined): { key: string; bytes: Uint8Array; metadata: Metadata } | string {
   if (parsed === undefined) return `not JSON: ${text.length > 60 ? `${text.slice(0, 60)}…` : text}`
@@ -352,6 +491,7 @@ function parseArguments(argv: string[]) {
         table: { type: 'string' },
         prefix: { type: 'string' },
         limit: { type: 'string' },
+        overwrite: { type: 'boolean' },
         help: { type: 'boolean', short: 'h' },
       },
     })
@@ -377,11 +517,19 @@ async function main(argv: string[], out: Output): Promise<void> {
   }
   if (file === undefined) throw new UsageError(HELP[command])
   if (command === 'load') return load(file, values.table, out)
-  if (!existsSync(file)) throw new UsageError(`no such file: ${file}`)
-  // Every command but compact only reads: it opens read-only and changes nothing (an empty file
-  // is refused as corrupt; a read-only file or mount works).
+  if (command === 'copy') {
+    const to = rest[0]
+    if (to === undefined || rest.length > 1) throw new UsageError(HELP.copy)
+    for (const option of ['table', 'prefix', 'limit'] as const) {
+      if (values[option] !== undefined) throw new UsageError(`copy copies every map: --${option} is not taken\n${HELP.copy}`)
+    }
+    return copy(file, to, values.overwrite === true, out)
+  }
+  if (values.overwrite !== undefined) throw new UsageError(`--overwrite is only for copy\n${HELP[command]}`)
+  // Every command but compact only reads: a file opens read-only and nothing in it changes (an
+  // empty file is refused as corrupt; a read-only file or mount works).
   const table = values.table ?? 'default'
-  const db = await Database.open(file, { readOnly: command !== 'compact' })
+  const db = command === 'compact' ? await openExisting(file) : await openToRead(file)
   try {
     switch (command) {
       case 'tables':
