@@ -139,11 +139,14 @@ export interface NativeOpenOptions {
   tlsKey?: Buffer
 }
 
+/** PEM text or bytes, as Node's tls options take them (not a file name: read the file first). */
 function pem(name: string, value: unknown): Buffer | undefined {
   if (value === undefined) return undefined
-  if (typeof value === 'string') return Buffer.from(value)
-  if (value instanceof Uint8Array) return Buffer.from(value)
-  return invalid(name, value, 'a PEM string or bytes')
+  const bytes = typeof value === 'string' ? Buffer.from(value) : value instanceof Uint8Array ? Buffer.from(value) : undefined
+  if (bytes === undefined || !bytes.includes('-----BEGIN ')) {
+    return invalid(name, typeof value === 'string' ? value.slice(0, 80) : value, 'PEM text or bytes (-----BEGIN …); to use a file, pass readFileSync(path)')
+  }
+  return bytes
 }
 
 /** The options only a cluster takes, checked; file options a cluster cannot honour are refused. */

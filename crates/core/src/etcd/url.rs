@@ -9,7 +9,9 @@ pub(crate) struct ClusterUrl {
     pub tls: bool,
     /// `host:port` of each member, as given (order kept: the client balances over all).
     pub endpoints: Vec<String>,
-    /// The key prefix everything of this store lives under; non-empty, no trailing slash.
+    /// The key prefix everything of this store lives under: the URL's path with its leading
+    /// slash (`etcd://h:2379/myapp` → `/myapp`, as etcd keys and role permissions are usually
+    /// spelled); no trailing slash.
     pub prefix: String,
 }
 
@@ -56,7 +58,7 @@ impl ClusterUrl {
         Ok(ClusterUrl {
             tls,
             endpoints,
-            prefix: prefix.to_string(),
+            prefix: format!("/{prefix}"),
         })
     }
 
@@ -75,7 +77,7 @@ impl ClusterUrl {
         endpoints.sort();
         endpoints.dedup();
         let scheme = if self.tls { "etcds" } else { "etcd" };
-        format!("{scheme}://{}/{}", endpoints.join(","), self.prefix)
+        format!("{scheme}://{}{}", endpoints.join(","), self.prefix)
     }
 }
 
@@ -88,14 +90,14 @@ mod tests {
         let u = ClusterUrl::parse("etcd://10.0.0.1:2379,host-b:2380/myapp").unwrap();
         assert!(!u.tls);
         assert_eq!(u.endpoints, vec!["10.0.0.1:2379", "host-b:2380"]);
-        assert_eq!(u.prefix, "myapp");
+        assert_eq!(u.prefix, "/myapp");
         assert_eq!(
             u.client_endpoints(),
             vec!["http://10.0.0.1:2379", "http://host-b:2380"]
         );
         let t = ClusterUrl::parse("etcds://h:1/a/b").unwrap();
         assert!(t.tls);
-        assert_eq!(t.prefix, "a/b");
+        assert_eq!(t.prefix, "/a/b");
         assert_eq!(
             ClusterUrl::parse("etcd://B:2,a:1/p").unwrap().normalized(),
             ClusterUrl::parse("etcd://a:1,b:2/p").unwrap().normalized()
