@@ -158,6 +158,9 @@ export interface NativeStats {
   failedBatches: number
   largestBatch: number
   unsyncedBatches: number
+  /** etcd: the replica's revision, and how many revisions it may be behind. */
+  replicaRevision?: number
+  replicaLag?: number
 }
 
 export interface NativeTableInfo {

@@ -207,3 +207,24 @@ test('a process that exits holding locks frees them at once (its session is revo
   t.false(granted.existed)
   granted.release()
 })
+
+test('refused before anything is written: a malformed URL, durability none, readOnly, a record over the request limit', async (t) => {
+  const running = await cluster(t, { members: 1 })
+  for (const url of ['etcd://127.0.0.1/app', 'etcd://127.0.0.1:2379', 'etcd://127.0.0.1:2379/app/', 'etcd://:2379/app']) {
+    await t.throwsAsync(kv.MapStore.open(url), { instanceOf: kv.InvalidArgumentError }, url)
+  }
+  const url = freshUrl(running)
+  await t.throwsAsync(kv.MapStore.open(url, { durability: 'none' }), { instanceOf: kv.InvalidArgumentError, message: /durability/ })
+  await t.throwsAsync(kv.MapStore.open(url, { readOnly: true }), { instanceOf: kv.InvalidArgumentError, message: /readOnly/ })
+  const store = await kv.MapStore.open(url, { codec: kv.codecs.raw })
+  t.teardown(() => store.close())
+  const lock = await store.createAndLockEntry('big', { value: Buffer.alloc(2 << 20) })
+  const err = await t.throwsAsync(lock.commit(), { instanceOf: kv.InvalidArgumentError })
+  t.regex(err.message, /limit/)
+  t.is(store.getEntry('big'), undefined)
+  await store.sync()
+  t.is(store.count(), 0)
+  const stats = store.stats()
+  t.true(stats.replicaRevision > 0, 'stats() carries the replica revision')
+  t.true(stats.replicaLag >= 0)
+})

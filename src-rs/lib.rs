@@ -374,6 +374,9 @@ pub struct NativeStats {
     pub failed_batches: f64,
     pub largest_batch: f64,
     pub unsynced_batches: f64,
+    /// etcd: the replica's revision, and how many revisions it may be behind.
+    pub replica_revision: Option<f64>,
+    pub replica_lag: Option<f64>,
 }
 
 #[napi]
@@ -640,6 +643,8 @@ impl NativeMapStore {
             failed_batches: s.failed_batches as f64,
             largest_batch: s.largest_batch as f64,
             unsynced_batches: s.unsynced_batches as f64,
+            replica_revision: s.replica_revision.map(|r| r as f64),
+            replica_lag: s.replica_lag.map(|r| r as f64),
         })
     }
 }

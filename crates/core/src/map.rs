@@ -71,6 +71,11 @@ pub struct MapStats {
     pub largest_batch: u64,
     /// Non-durable transactions not yet made durable (a crash now would lose them).
     pub unsynced_batches: u64,
+    /// A cluster's replica: every change up to this etcd revision is in it (`None` for a file).
+    pub replica_revision: Option<i64>,
+    /// How many revisions the replica may be behind the newest this process has seen (an upper
+    /// bound: other prefixes' revisions count too); `None` for a file.
+    pub replica_lag: Option<i64>,
 }
 
 /// Called exactly once with the outcome of one commit, on the writer (or on a thread writing a

@@ -487,7 +487,20 @@ impl MapStore {
     // ---- insight ----
 
     pub fn stats(&self) -> Result<MapStats> {
-        each!(&self.0, map => map.stats())
+        match &self.0 {
+            Storage::File(map) => map.stats(),
+            #[cfg(feature = "etcd")]
+            Storage::Cluster(map) => {
+                let replica = map.revision();
+                Ok(MapStats {
+                    replica_revision: Some(replica.revision),
+                    replica_lag: Some(replica.lag),
+                    ..map.stats()?
+                })
+            }
+            #[cfg(not(feature = "etcd"))]
+            Storage::Never(never, _) => absurd(never),
+        }
     }
 
     // ---- the blocking API for Rust callers ----

@@ -640,6 +640,8 @@ impl MapStore {
             failed_batches: commits.failed_batches.load(Ordering::Relaxed),
             largest_batch: commits.largest_batch.load(Ordering::Relaxed),
             unsynced_batches: commits.unsynced_batches.load(Ordering::Relaxed),
+            replica_revision: None,
+            replica_lag: None,
         })
     }
 
