@@ -91,7 +91,7 @@ fn maps_record_their_codec_and_the_format() {
     }
     // A layout this build does not know is refused.
     let (rt, mut client) = raw_client(&cluster);
-    rt.block_on(client.put("future/meta/format", "2", None))
+    rt.block_on(client.put("/future/meta/format", "2", None))
         .unwrap();
     let err = ClusterDatabase::open(&cluster.url("future"), options())
         .err()
@@ -386,7 +386,7 @@ fn one_broken_fence_fails_only_its_own_commit_in_a_shared_transaction() {
         .collect();
     // Break one fence behind the engine's back: delete k13's lock key.
     let (rt, mut client) = raw_client(&cluster);
-    let lock_prefix = format!("app/lock/m/{}/", hex("k13"));
+    let lock_prefix = format!("/app/lock/m/{}/", hex("k13"));
     let deleted = rt
         .block_on(client.delete(
             lock_prefix,

@@ -132,9 +132,23 @@ pub(crate) fn classify(err: &etcd_client::Error) -> (Kind, String) {
                 Some(source) => format!("{message} ({})", chain(source)),
                 None => message,
             };
+            // A refused certificate does not get better by trying again.
+            let kind = if kind == Kind::Transient && detail.to_lowercase().contains("certificate") {
+                Kind::Other
+            } else {
+                kind
+            };
             (kind, detail)
         }
-        E::TransportError(e) => (Kind::Transient, chain(e)),
+        E::TransportError(e) => {
+            let detail = chain(e);
+            let kind = if detail.to_lowercase().contains("certificate") {
+                Kind::Other
+            } else {
+                Kind::Transient
+            };
+            (kind, detail)
+        }
         E::IoError(e) => (Kind::Transient, chain(e)),
         E::LeaseKeepAliveError(e) | E::WatchError(e) => (Kind::Transient, e.clone()),
         other => (Kind::Other, chain(other)),

@@ -370,7 +370,7 @@ async fn check_format(cluster: &Cluster, layout: &Layout, url: &ClusterUrl) -> R
         )])
         .or_else([TxnOp::get(key, None)]);
     let answer = cluster
-        .call("opening the store", Effect::Unknown, || {
+        .call("opening the store", Effect::Nothing, || {
             let mut kv = cluster.kv.clone();
             let txn = txn.clone();
             async move { kv.txn(txn).await }

@@ -79,6 +79,17 @@ impl KeyLocks {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Locks held and waited for, as a caller sees them: a local grant still waiting for the
+    /// etcd lock (another process holds it) is waiting, not held.
+    pub fn counts(&self) -> crate::locks::LockCounts {
+        let local = self.local.counts();
+        let parked = self.state().pending.len() as u64;
+        crate::locks::LockCounts {
+            held: local.held.saturating_sub(parked),
+            waiting: local.waiting + parked,
+        }
+    }
+
     /// The live etcd lock of `key`, if this process holds it.
     fn held(&self, core: &Core, key: &str) -> Option<EtcdKey> {
         let state = self.state();
@@ -505,7 +516,7 @@ async fn acquire_etcd(
             ]);
         let answer = core
             .cluster
-            .call(&what, Effect::Unknown, || {
+            .call(&what, Effect::Nothing, || {
                 let mut kv = core.cluster.kv.clone();
                 let txn = txn.clone();
                 async move { kv.txn(txn).await }

@@ -4,13 +4,13 @@
 //! - [`ClusterDatabase::open`] takes `etcd://host:port[,host:port...]/prefix` (`etcds://` for
 //!   TLS). Handles on the same cluster and prefix in one process share one core (one session
 //!   lease, one replica, one committer); each handle owns the locks it takes.
-//! - Locks are per key across processes (see [`locks`] for the recipe and the fairness
-//!   trade-off), held by the core's session lease ([`session`]).
+//! - Locks are per key across processes (see `locks.rs` for the recipe and the fairness
+//!   trade-off), held by the core's session lease (`session.rs`).
 //! - Commits are fenced: each is written only if its lock key still has the create revision
 //!   it had when the lock was granted, in the same transaction, so a holder whose session
 //!   expired gets [`Error::LockLost`] and writes nothing. Concurrent commits share etcd
-//!   transactions ([`commits`]).
-//! - Reads are synchronous, from a local replica fed by a watch ([`replica`]); a process sees
+//!   transactions (`commits.rs`).
+//! - Reads are synchronous, from a local replica fed by a watch (`replica.rs`); a process sees
 //!   its own commits once they are acknowledged; [`ClusterDatabase::sync_with`] waits until
 //!   the replica holds everything committed anywhere before the call.
 //!
@@ -90,7 +90,7 @@ pub struct ClusterTls {
     pub key: Option<Vec<u8>>,
 }
 
-/// The cores open in this process, by cluster, prefix and user.
+/// The cores open in this process, by cluster, prefix and credentials.
 struct Slot {
     core: Option<Arc<Core>>,
     handles: usize,
@@ -167,8 +167,7 @@ impl ClusterDatabase {
     pub fn open(url: &str, options: ClusterOptions) -> Result<ClusterDatabase> {
         let parsed = ClusterUrl::parse(url)?;
         check_options(&options)?;
-        let user = options.auth.as_ref().map_or("", |(u, _)| u.as_str());
-        let name = format!("{} as {user}", parsed.normalized());
+        let name = format!("{} {:016x}", parsed.normalized(), credentials(&options));
         let slot = registry()
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -402,6 +401,19 @@ impl ClusterDatabase {
     }
 }
 
+/// A fingerprint of the credentials: handles share a core only when they would connect as the
+/// same user with the same secrets (a wrong password must not join a core opened with the right
+/// one).
+fn credentials(options: &ClusterOptions) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    options.auth.hash(&mut hasher);
+    if let Some(tls) = &options.tls {
+        (&tls.ca, &tls.cert, &tls.key).hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
 fn check_options(options: &ClusterOptions) -> Result<()> {
     if options.request_timeout.is_zero() {
         return Err(Error::invalid("requestTimeoutMs must be positive"));
@@ -615,7 +627,7 @@ impl ClusterMap {
         self.db.check_open()?;
         let core = self.core();
         let entries = core.replica.snapshot(&self.table.name).len() as u64;
-        let locks = self.table.locks.local.counts();
+        let locks = self.table.locks.counts();
         let commits = &core.stats;
         Ok(MapStats {
             entries,
