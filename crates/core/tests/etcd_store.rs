@@ -503,3 +503,76 @@ fn auto_keys_never_repeat_across_cores() {
         .unwrap();
     assert!(next > *all.last().unwrap());
 }
+
+#[test]
+fn a_joined_commit_is_written_whole_or_not_at_all_and_only_through_its_store() {
+    let cluster = EtcdCluster::start(1);
+    let db = open(&cluster, "app");
+    let jobs = db.map_store("jobs", &MapOptions::default()).unwrap();
+    let paths = db.map_store("paths", &MapOptions::default()).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let job = jobs.lock("j1", LockMode::New, None).unwrap();
+    let path = paths.lock("/data/a", LockMode::New, None).unwrap();
+    let both = kvstore_core::etcd::ClusterCommit::join(vec![
+        prepare(&jobs, "j1", job.token(), "queued", &tx),
+        prepare(&paths, "/data/a", path.token(), "j1", &tx),
+    ]);
+    db.submit(vec![both]);
+    for _ in 0..2 {
+        rx.recv().unwrap().1.unwrap();
+    }
+    assert_eq!(value_of(jobs.get("j1").unwrap()).as_deref(), Some("queued"));
+    assert_eq!(
+        value_of(paths.get("/data/a").unwrap()).as_deref(),
+        Some("j1")
+    );
+
+    // One broken fence: neither is written.
+    let job = jobs.lock("j2", LockMode::New, None).unwrap();
+    let path = paths.lock("/data/b", LockMode::New, None).unwrap();
+    let both = kvstore_core::etcd::ClusterCommit::join(vec![
+        prepare(&jobs, "j2", job.token(), "queued", &tx),
+        prepare(&paths, "/data/b", path.token(), "j2", &tx),
+    ]);
+    let (rt, mut client) = raw_client(&cluster);
+    rt.block_on(client.delete(
+        format!("/app/lock/paths/{}/", hex("/data/b")),
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    ))
+    .unwrap();
+    db.submit(vec![both]);
+    for _ in 0..2 {
+        assert_eq!(
+            rx.recv().unwrap().1.unwrap_err().code(),
+            ErrorCode::LockLost
+        );
+    }
+    db.sync().unwrap();
+    assert_eq!(jobs.get("j2").unwrap(), None);
+    assert_eq!(paths.get("/data/b").unwrap(), None);
+
+    // A commit prepared through one store cannot be written through another.
+    let other = open_other(&cluster, "app");
+    let guard = jobs.lock("j3", LockMode::New, None).unwrap();
+    other.submit(vec![prepare(&jobs, "j3", guard.token(), "x", &tx)]);
+    assert_eq!(
+        rx.recv().unwrap().1.unwrap_err().code(),
+        ErrorCode::InvalidArgument
+    );
+    assert!(jobs.holds("j3", guard.token()), "the lock is still held");
+    let elsewhere = other.map_store("jobs", &MapOptions::default()).unwrap();
+    let foreign = elsewhere.lock("j4", LockMode::New, None).unwrap();
+    db.submit(vec![kvstore_core::etcd::ClusterCommit::join(vec![
+        prepare(&jobs, "j3", guard.token(), "x", &tx),
+        prepare(&elsewhere, "j4", foreign.token(), "y", &tx),
+    ])]);
+    for _ in 0..2 {
+        assert_eq!(
+            rx.recv().unwrap().1.unwrap_err().code(),
+            ErrorCode::InvalidArgument
+        );
+    }
+    assert!(jobs.holds("j3", guard.token()));
+    assert!(elsewhere.holds("j4", foreign.token()));
+    assert_eq!(jobs.get("j3").unwrap(), None);
+}

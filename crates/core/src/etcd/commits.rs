@@ -98,27 +98,44 @@ pub struct ClusterCommit {
     pub(crate) writes: Vec<Write>,
     pub(crate) done: Vec<CommitCallback>,
     pub(crate) in_flight: Option<Arc<InFlight>>,
+    /// The core whose locks the writes are under (its address), so that a commit is never
+    /// written through another store.
+    pub(crate) core: usize,
+    /// Why it must not be written (see [`ClusterCommit::join`]).
+    pub(crate) refused: Option<Error>,
 }
 
 impl ClusterCommit {
     /// One commit of all of `commits`' writes: written in one nested transaction, all or none
-    /// (`db.commit([a, b])`). Each callback hears the joint outcome.
-    pub fn join(commits: Vec<ClusterCommit>) -> Result<ClusterCommit> {
+    /// (`db.commit([a, b])`); each callback hears the joint outcome. A join that cannot be
+    /// written (locks of another store, more than [`MAX_COMMIT_WRITES`] entries, one entry
+    /// twice) fails every callback with InvalidArgument when submitted, nothing written and
+    /// the locks still held.
+    pub fn join(commits: Vec<ClusterCommit>) -> ClusterCommit {
+        let core = commits.first().map_or(0, |c| c.core);
+        let mut refused = None;
+        if commits.iter().any(|c| c.core != core) {
+            refused = Some(Error::invalid(
+                "every lock of one commit must belong to a map of the same store",
+            ));
+        }
         let mut joined = ClusterCommit {
             writes: Vec::new(),
             done: Vec::new(),
             in_flight: None,
+            core,
+            refused: None,
         };
         for c in commits {
             joined.writes.extend(c.writes);
             joined.done.extend(c.done);
+            refused = refused.or(c.refused);
         }
         if joined.writes.len() > MAX_COMMIT_WRITES {
-            let err = Error::invalid(format!(
+            refused = refused.or(Some(Error::invalid(format!(
                 "one etcd commit may write at most {MAX_COMMIT_WRITES} entries, got {}",
                 joined.writes.len()
-            ));
-            return Err(err);
+            ))));
         }
         let mut keys = HashSet::new();
         if !joined
@@ -126,9 +143,12 @@ impl ClusterCommit {
             .iter()
             .all(|w| keys.insert(w.data_key.clone()))
         {
-            return Err(Error::invalid("one commit names the same entry twice"));
+            refused = refused.or(Some(Error::invalid(
+                "one commit names the same entry twice",
+            )));
         }
-        Ok(joined)
+        joined.refused = refused;
+        joined
     }
 
     fn bytes(&self) -> usize {

@@ -275,10 +275,20 @@ impl ClusterDatabase {
     pub fn submit(&self, commits: Vec<ClusterCommit>) {
         let core = self.core();
         for mut commit in commits {
-            if self.is_closed() {
+            let refused = if self.is_closed() {
                 // Closing released this handle's locks: its commits may no longer write.
+                Some(Error::StoreClosed)
+            } else if commit.core != Arc::as_ptr(core) as usize {
+                // Nothing written, the locks still held.
+                Some(Error::invalid(
+                    "a commit must be submitted to the store whose maps prepared it",
+                ))
+            } else {
+                commit.refused.take()
+            };
+            if let Some(err) = refused {
                 for done in commit.done.drain(..) {
-                    done(Err(Error::StoreClosed));
+                    done(Err(err.clone()));
                 }
                 continue;
             }
@@ -576,6 +586,8 @@ impl ClusterMap {
             }],
             done: vec![done],
             in_flight: None,
+            core: Arc::as_ptr(self.core()) as usize,
+            refused: None,
         })
     }
 
