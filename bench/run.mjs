@@ -1,4 +1,4 @@
-// npm run bench -- [--n 20000] [--only kvstore,lmdb] [--workloads create-conc,get-random]
+// npm run bench -- [--backend file|etcd] [--n 20000] [--only kvstore,lmdb] [--workloads create-conc,get-random]
 //                  [--durable both|durable|none] [--scale 10000,100000,1000000] [--rounds 3]
 // Runs each (store, workload, mode) in its own process, prints one JSON line each, then a
 // Markdown table of ops/s with the kvstore ÷ lmdb ratio measured in the same run.
@@ -10,8 +10,18 @@ import { cpus } from 'node:os'
 import { parseArgs } from 'node:util'
 import { scaleSizes, workloads } from './workloads.mjs'
 
+// --backend etcd: the workloads over etcd clusters, with flags of their own (bench/etcd.mjs).
+const { backend } = parseArgs({ options: { backend: { type: 'string', default: 'file' } }, strict: false }).values
+if (backend === 'etcd') {
+  const { main } = await import('./etcd.mjs')
+  process.exit(await main(process.argv.slice(2)))
+} else if (backend !== 'file') {
+  throw new Error(`--backend ${backend}: file or etcd`)
+}
+
 const { values: flags } = parseArgs({
   options: {
+    backend: { type: 'string', default: 'file' },
     n: { type: 'string', default: '20000' },
     only: { type: 'string', default: 'kvstore,lmdb,sqlite,level' },
     workloads: { type: 'string', default: [...Object.keys(workloads), 'scale'].join(',') },
