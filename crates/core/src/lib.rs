@@ -39,4 +39,4 @@ pub use map::{
     Change, CommitCallback, CommitOptions, LockMode, LockedEntry, MapOptions, MapStats, NextKey,
 };
 pub use range::{EntryRange, RangeOptions, RawEntry};
-pub use store::{Backup, Database, EntryGuard, MapStore, PreparedCommit};
+pub use store::{Backup, CommitItem, Database, EntryGuard, MapStore, PreparedCommit};

@@ -21,6 +21,11 @@ use crate::map::{
 };
 use crate::range::{EntryRange, RangeOptions};
 
+// Several held locks, one atomic commit: `Database::prepare_group` and friends.
+#[path = "multi_commit.rs"]
+mod multi_commit;
+pub use multi_commit::CommitItem;
+
 /// Calls `$call` on whichever storage `$self` holds.
 macro_rules! each {
     ($value:expr, $name:ident => $call:expr) => {

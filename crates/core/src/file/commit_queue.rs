@@ -34,8 +34,30 @@ pub(crate) struct CommitJob {
     pub done: CommitCallback,
 }
 
+/// One lock's change in a [`GroupJob`].
+pub(crate) struct GroupPart {
+    pub table: Arc<TableState>,
+    pub key: Box<str>,
+    pub token: LockToken,
+    pub change: Change,
+}
+
+/// A commit of several held locks (`db.commit([a, b])`): one job, so the writer never splits it
+/// across transactions; every part is written or none, and `done` hears once.
+pub(crate) struct GroupJob {
+    pub parts: Vec<GroupPart>,
+    /// Hand every lock on after a successful write (false for `updateOnly`).
+    pub release: bool,
+    /// Keep every lock when the write fails.
+    pub hold_on_failure: bool,
+    pub durable: bool,
+    pub done: CommitCallback,
+}
+
 pub(crate) enum Job {
     Commit(CommitJob),
+    /// Several locks' changes, written in one transaction, all or none.
+    Group(GroupJob),
     Lease {
         table: Arc<TableState>,
         until: u64,
@@ -48,6 +70,21 @@ pub(crate) enum Job {
     /// Nothing to write: the idle writer looks again at when unsynced commits fall due.
     Wake,
     Shutdown,
+}
+
+impl Job {
+    /// The entries this job writes: (table, key, change); none for bookkeeping jobs.
+    pub(crate) fn changes(&self) -> Vec<(&Arc<TableState>, &str, &Change)> {
+        match self {
+            Job::Commit(c) => vec![(&c.table, &*c.key, &c.change)],
+            Job::Group(g) => g
+                .parts
+                .iter()
+                .map(|p| (&p.table, &*p.key, &p.change))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// Counters for `stats()`: `commits / batches` is how many commits shared each transaction.
@@ -386,15 +423,12 @@ impl Writer {
     /// Writes one batch and settles it. Returns follow-up jobs (further key leases).
     fn commit_batch(&mut self, jobs: Vec<Job>) -> Vec<Job> {
         // A commit whose lock was taken from it meanwhile (its handle closed) fails alone.
-        let (jobs, stale): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|job| match job {
-            Job::Commit(c) => c.table.locks.holds(&c.key, c.token),
-            _ => true,
-        });
+        // A group fails whole when any of its locks was taken.
+        let (jobs, stale): (Vec<Job>, Vec<Job>) =
+            jobs.into_iter().partition(|job| lost_lock(job).is_none());
         for job in stale {
-            if let Job::Commit(c) = &job {
-                let err = Error::LockReleased {
-                    key: c.key.to_string(),
-                };
+            if let Some(key) = lost_lock(&job) {
+                let err = Error::LockReleased { key };
                 fail_job(job, &err);
             }
         }
@@ -417,6 +451,7 @@ impl Writer {
         let durable = self.sync_due()
             || jobs.iter().any(|j| match j {
                 Job::Commit(c) => c.durable,
+                Job::Group(g) => g.durable,
                 Job::Lease { durable, .. } => *durable,
                 Job::Barrier(_) | Job::Many(_) | Job::Wake | Job::Shutdown => false,
             });
@@ -431,7 +466,11 @@ impl Writer {
                     ),
                 })
             });
-        let commits = jobs.iter().filter(|j| matches!(j, Job::Commit(_))).count() as u64;
+        // A group is one commit.
+        let commits = jobs
+            .iter()
+            .filter(|j| matches!(j, Job::Commit(_) | Job::Group(_)))
+            .count() as u64;
         match outcome {
             Ok(()) => {
                 if durable {
@@ -487,27 +526,28 @@ impl Writer {
             let mut tables: HashMap<&str, redb::Table<&str, &[u8]>> = HashMap::new();
             let mut meta: Option<redb::Table<&str, &[u8]>> = None;
             for job in jobs {
-                match job {
-                    Job::Commit(c) => {
-                        let name = c.table.redb_name.as_str();
-                        if !tables.contains_key(name) {
-                            let table = txn
-                                .open_table(TableDefinition::<&str, &[u8]>::new(name))
+                for (state, key, change) in job.changes() {
+                    let name = state.redb_name.as_str();
+                    if !tables.contains_key(name) {
+                        let table = txn
+                            .open_table(TableDefinition::<&str, &[u8]>::new(name))
+                            .map_err(|e| redb_err(e.into()))?;
+                        tables.insert(name, table);
+                    }
+                    let table = tables.get_mut(name).expect("opened above");
+                    match change {
+                        Change::Put(record) => {
+                            table
+                                .insert(key, &**record)
                                 .map_err(|e| redb_err(e.into()))?;
-                            tables.insert(name, table);
                         }
-                        let table = tables.get_mut(name).expect("opened above");
-                        match &c.change {
-                            Change::Put(record) => {
-                                table
-                                    .insert(&*c.key, &**record)
-                                    .map_err(|e| redb_err(e.into()))?;
-                            }
-                            Change::Delete => {
-                                table.remove(&*c.key).map_err(|e| redb_err(e.into()))?;
-                            }
+                        Change::Delete => {
+                            table.remove(key).map_err(|e| redb_err(e.into()))?;
                         }
                     }
+                }
+                match job {
+                    Job::Commit(_) | Job::Group(_) => {}
                     Job::Lease { table, until, .. } => {
                         if meta.is_none() {
                             meta =
@@ -533,17 +573,20 @@ impl Writer {
         if durable {
             unsynced.clear();
         } else {
-            unsynced.record(jobs.iter().filter_map(|job| match job {
-                Job::Commit(c) => Some((
-                    c.table.redb_name.as_str(),
-                    &*c.key,
-                    match &c.change {
-                        Change::Put(record) => Some(record.clone()),
-                        Change::Delete => None,
-                    },
-                )),
-                _ => None,
-            }));
+            unsynced.record(
+                jobs.iter()
+                    .flat_map(Job::changes)
+                    .map(|(table, key, change)| {
+                        (
+                            table.redb_name.as_str(),
+                            key,
+                            match change {
+                                Change::Put(record) => Some(record.clone()),
+                                Change::Delete => None,
+                            },
+                        )
+                    }),
+            );
         }
         Ok(())
     }
@@ -573,6 +616,28 @@ fn settle_success(job: Job) -> Option<Job> {
             (c.done)(Ok(()));
             None
         }
+        Job::Group(g) => {
+            // Every entry's new record first, then every lock: a waiter granted one key of the
+            // group sees the others' new records too.
+            for part in &g.parts {
+                let cached = match &part.change {
+                    Change::Put(record) => Some(record.clone()),
+                    Change::Delete => None,
+                };
+                part.table.cache.apply([(&*part.key, cached)]);
+            }
+            if g.release {
+                for part in &g.parts {
+                    let after_delete = matches!(part.change, Change::Delete);
+                    let _ = part
+                        .table
+                        .locks
+                        .release(&part.key, part.token, after_delete);
+                }
+            }
+            (g.done)(Ok(()));
+            None
+        }
         Job::Lease {
             table,
             until,
@@ -597,6 +662,19 @@ fn settle_success(job: Job) -> Option<Job> {
     }
 }
 
+/// The key of a lock that `job` needs and no longer holds (its handle closed meanwhile).
+fn lost_lock(job: &Job) -> Option<String> {
+    match job {
+        Job::Commit(c) if !c.table.locks.holds(&c.key, c.token) => Some(c.key.to_string()),
+        Job::Group(g) => g
+            .parts
+            .iter()
+            .find(|p| !p.table.locks.holds(&p.key, p.token))
+            .map(|p| p.key.to_string()),
+        _ => None,
+    }
+}
+
 /// Settles a job that will not be written, with `err`.
 pub(crate) fn fail_job(job: Job, err: &Error) {
     match job {
@@ -605,6 +683,14 @@ pub(crate) fn fail_job(job: Job, err: &Error) {
                 let _ = c.table.locks.release(&c.key, c.token, false);
             }
             (c.done)(Err(err.clone()));
+        }
+        Job::Group(g) => {
+            if !g.hold_on_failure {
+                for part in &g.parts {
+                    let _ = part.table.locks.release(&part.key, part.token, false);
+                }
+            }
+            (g.done)(Err(err.clone()));
         }
         Job::Lease { table, .. } => {
             let failed = table.sequence().lease_failed(err);

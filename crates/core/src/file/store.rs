@@ -12,7 +12,7 @@ use redb::{ReadableTableMetadata, TableError};
 use crate::cache::Lookup;
 use crate::envelope::{self, Record};
 use crate::error::{Error, Result};
-use crate::file::commit_queue::{CommitJob, CommitQueue, Job};
+use crate::file::commit_queue::{CommitJob, CommitQueue, GroupJob, GroupPart, Job};
 use crate::file::shared::Shared;
 use crate::file::storage::{
     normalize, open_error, open_guarded, DatabaseOptions, TableState, MAX_RECORD_BYTES,
@@ -238,6 +238,164 @@ impl Database {
         }
         Some(jobs)
     }
+}
+
+impl Database {
+    /// Checks a commit of several held locks, all written in one transaction or none (see
+    /// [`crate::Database::prepare_group`]): every lock must be held, of a map of this file, and
+    /// named once; otherwise InvalidArgument with every lock still held. A failure found now
+    /// (the handle closed, an oversize record) comes back at once, the locks released unless
+    /// `hold_lock_on_failure`.
+    pub fn prepare_group(
+        &self,
+        items: Vec<(MapStore, String, LockToken, Change)>,
+        options: CommitOptions,
+        done: CommitCallback,
+    ) -> Result<PreparedCommit> {
+        check_group(
+            items
+                .iter()
+                .map(|(map, key, token, change)| (map, key.as_str(), *token, change)),
+            &self.handle.shared,
+            options,
+        )?;
+        self.handle.check_writable()?;
+        let refused = if self.is_closed() {
+            Some(Error::StoreClosed)
+        } else {
+            items.iter().find_map(|(_, key, _, change)| match change {
+                Change::Put(record) if record.len() > MAX_RECORD_BYTES => {
+                    Some(Error::invalid(format!(
+                        "the record for '{key}' is {} bytes; the limit is {MAX_RECORD_BYTES}",
+                        record.len()
+                    )))
+                }
+                _ => None,
+            })
+        };
+        if let Some(err) = refused {
+            if !options.hold_lock_on_failure {
+                for (map, key, token, _) in &items {
+                    let _ = map.table.locks.release(key, *token, false);
+                }
+            }
+            return Err(err);
+        }
+        Ok(PreparedCommit(Job::Group(GroupJob {
+            parts: items
+                .into_iter()
+                .map(|(map, key, token, change)| GroupPart {
+                    table: map.table,
+                    key: key.into(),
+                    token,
+                    change,
+                })
+                .collect(),
+            release: !options.update_only,
+            hold_on_failure: options.hold_lock_on_failure,
+            durable: self.handle.durable,
+            done,
+        })))
+    }
+
+    /// Blocking: commits the changes of several [`EntryGuard`]s in one transaction, all or
+    /// none, and updates each guard as its own commit would (see
+    /// [`crate::Database::commit_guards`]).
+    pub fn commit_guards(
+        &self,
+        items: Vec<(&mut EntryGuard, Change)>,
+        options: CommitOptions,
+    ) -> Result<()> {
+        refuse_on_writer(&self.handle.shared.queue, "commit")?;
+        if let Some((guard, _)) = items.iter().find(|(guard, _)| !guard.held) {
+            return Err(Error::invalid(format!(
+                "the lock on '{}' is not held (committed or released): nothing was written",
+                guard.key
+            )));
+        }
+        let written: Vec<Option<Arc<[u8]>>> = items
+            .iter()
+            .map(|(_, change)| match change {
+                Change::Put(record) => Some(record.clone()),
+                Change::Delete => None,
+            })
+            .collect();
+        let (tx, rx) = mpsc::channel();
+        let (guards, parts): (Vec<&mut EntryGuard>, Vec<_>) = items
+            .into_iter()
+            .map(|(guard, change)| {
+                let part = (
+                    guard.store.clone(),
+                    guard.key.clone(),
+                    guard.locked.token,
+                    change,
+                );
+                (guard, part)
+            })
+            .unzip();
+        let outcome = self
+            .prepare_group(
+                parts,
+                options,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            )
+            .and_then(|prepared| {
+                self.handle.shared.queue.write_inline(vec![prepared.0]);
+                rx.recv().map_err(|_| Error::StoreClosed)?
+            });
+        for (guard, record) in guards.into_iter().zip(written) {
+            guard.held = match &outcome {
+                Ok(()) => options.update_only,
+                // Kept by a refusal or by `hold_lock_on_failure`, unless its handle closed.
+                Err(_) => guard.store.holds(&guard.key, guard.locked.token),
+            };
+            if outcome.is_ok() {
+                guard.locked.existed = record.is_some();
+                guard.locked.record = record;
+            }
+        }
+        outcome
+    }
+}
+
+/// The checks of a multi-lock commit that keep every lock on failure: each lock held, of a map
+/// of `shared`'s file, named once, and no delete with `update_only`.
+fn check_group<'a>(
+    items: impl Iterator<Item = (&'a MapStore, &'a str, LockToken, &'a Change)>,
+    shared: &Arc<Shared>,
+    options: CommitOptions,
+) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for (map, key, token, change) in items {
+        if matches!(change, Change::Delete) && options.update_only {
+            return Err(Error::invalid(
+                "commit cannot both delete and keep the lock (delete with updateOnly): nothing was written",
+            ));
+        }
+        if !Arc::ptr_eq(&map.handle.shared, shared) {
+            return Err(Error::invalid(format!(
+                "the lock on '{key}' belongs to a map of another store: one commit writes one \
+                 store; nothing was written"
+            )));
+        }
+        if !seen.insert((Arc::as_ptr(&map.table), key)) {
+            return Err(Error::invalid(format!(
+                "the lock on '{key}' of map '{}' is named twice in one commit: nothing was \
+                 written",
+                map.table.name
+            )));
+        }
+        if !map.table.locks.holds(key, token) {
+            return Err(Error::invalid(format!(
+                "the lock on '{key}' of map '{}' is not held (committed or released): nothing \
+                 was written",
+                map.table.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A commit that passed its checks and waits to be queued (see [`MapStore::prepare_commit`]).
