@@ -34,6 +34,13 @@ export declare class NativeDatabase {
    * for), and their promises settled at once: no thread hand-off, no wake-up.
    */
   flush(): void
+  /**
+   * Prepares one commit of several held locks (`db.commit([...])`): the lock `tokens[i]` on
+   * `keys[i]` of `maps[i]` writes `records[i]` (null: a delete), all in one transaction or
+   * none; `flags` as for a single commit (updateOnly, holdLockOnFailure). Queued with this
+   * turn's other commits at the next `flush()`; refusals reject the promise.
+   */
+  commitGroup(maps: Array<NativeMapStore>, keys: Array<string>, tokens: Array<number>, records: Array<Buffer | undefined | null>, flags: number): Promise<void>
   /** A consistent copy of the whole file at `dest`, made on a thread of its own. */
   backup(dest: string): Promise<void>
   /** Compacts the file after the commits queued so far; true if space was reclaimed. */

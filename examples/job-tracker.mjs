@@ -2,6 +2,9 @@
 //   jobs:  job id (auto key, creation order) → { state, path, attempts }, metadata.path
 //   paths: file path → job id of its current job, metadata.job
 // One job per path at a time; progress is committed with updateOnly while the lock is held.
+// The job and the claim of its path are written by one db.commit([job, claim]): both or neither,
+// so a crash never leaves a job without its path (or a path pointing at no job). Finishing deletes
+// the claim in the same commit that marks the job DONE.
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -23,14 +26,13 @@ async function submit(path) {
   }
   // Hold the path's lock while the job is created, so nobody else claims it meanwhile.
   const job = await jobs.createAndLockEntry(undefined, { value: { state: 'QUEUED', path, attempts: 0 }, metadata: { path } })
-  await job.commit()
   claim.entry.value = job.key
   claim.entry.metadata.job = job.key
-  await claim.commit()
+  await db.commit([job, claim]) // both written in one transaction, or neither
   return { path, job: job.key }
 }
 
-/** Runs a job: RUNNING, progress while holding its lock, then DONE and the path freed. */
+/** Runs a job: RUNNING, progress while holding its lock, then DONE and the path freed together. */
 async function run(jobId) {
   const lock = await jobs.getAndLockEntry(jobId, { timeoutMs: 5_000 })
   lock.entry.value = { ...lock.entry.value, state: 'RUNNING', attempts: lock.entry.value.attempts + 1 }
@@ -40,9 +42,8 @@ async function run(jobId) {
     await lock.commit({ updateOnly: true }) // readers see the progress; the lock stays ours
   }
   lock.entry.value.state = 'DONE'
-  const { path } = lock.entry.value
-  await lock.commit()
-  await paths.deleteEntry(path)
+  const claim = await paths.getAndLockEntry(lock.entry.value.path)
+  await db.commit([lock, { lock: claim, delete: true }])
 }
 
 const submitted = await Promise.all(['/data/a', '/data/b', '/data/a', '/data/c'].map(submit))

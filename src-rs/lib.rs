@@ -230,6 +230,58 @@ impl NativeDatabase {
         }
     }
 
+    /// Prepares one commit of several held locks (`db.commit([...])`): the lock `tokens[i]` on
+    /// `keys[i]` of `maps[i]` writes `records[i]` (null: a delete), all in one transaction or
+    /// none; `flags` as for a single commit (updateOnly, holdLockOnFailure). Queued with this
+    /// turn's other commits at the next `flush()`; refusals reject the promise.
+    #[napi(catch_unwind, ts_return_type = "Promise<void>")]
+    pub fn commit_group(
+        &self,
+        env: Env,
+        maps: Vec<&NativeMapStore>,
+        keys: Vec<String>,
+        tokens: Vec<i64>,
+        records: Vec<Option<Buffer>>,
+        flags: u32,
+    ) -> Result<PromiseRaw<'static, ()>> {
+        let (deferred, raw) = self.mailbox.promise(&env)?;
+        let once = SettleOnce::new(&self.mailbox, deferred);
+        let options = CommitOptions {
+            update_only: flags & COMMIT_UPDATE_ONLY != 0,
+            hold_lock_on_failure: flags & COMMIT_HOLD_ON_FAILURE != 0,
+        };
+        if maps.len() != keys.len() || keys.len() != tokens.len() || tokens.len() != records.len() {
+            let err = kvstore_core::Error::invalid("commitGroup: the item arrays differ in length");
+            once.refuse(Settlement::Committed, err);
+            return Ok(PromiseRaw::new(env.raw(), raw));
+        }
+        let items = maps
+            .iter()
+            .zip(keys)
+            .zip(tokens)
+            .zip(records)
+            .map(|(((map, key), token), record)| {
+                let change = match record {
+                    Some(bytes) => Change::Put(Arc::from(&bytes[..])),
+                    None => Change::Delete,
+                };
+                (map.map.clone(), key, token as u64, change)
+            })
+            .collect();
+        match self
+            .db
+            .prepare_group(items, options, once.callback(Settlement::Committed))
+        {
+            Ok(prepared) => self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(prepared),
+            Err(err) => once.refuse(Settlement::Committed, err),
+        }
+        Ok(PromiseRaw::new(env.raw(), raw))
+    }
+
     /// A consistent copy of the whole file at `dest`, made on a thread of its own.
     #[napi(catch_unwind, ts_return_type = "Promise<void>")]
     pub fn backup(&self, env: Env, dest: String) -> Result<PromiseRaw<'static, ()>> {

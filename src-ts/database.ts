@@ -1,5 +1,6 @@
 // A store file, opened once per process and shared by every handle and worker thread.
 import { checkCodec } from './codecs'
+import { commitLocks, type CommitItem, type GroupCommitOptions } from './entry-lock'
 import { native, settled, StoreClosedError } from './errors'
 import { silentLogger, type Logger } from './logger'
 import { MapStore } from './map-store'
@@ -119,6 +120,22 @@ export class Database {
   async sync(): Promise<void> {
     this.#checkOpen()
     return settled(native(() => this.#native.sync()))
+  }
+
+  /**
+   * Commits several held locks at once: every entry is written in one transaction (one etcd
+   * transaction with a cluster), all or none, sharing group commit with the other commits. An
+   * item is an EntryLock (its entry is written) or `{ lock, delete: true }`. Every lock must be
+   * held, of a map of this store (any handle of the same file or cluster), and named once;
+   * otherwise InvalidArgumentError, nothing written, every lock still held. On success every
+   * lock is released (kept with `updateOnly`) and each handle ends as after its own commit; on
+   * failure all are released (kept with `holdLockOnFailure`). A CodecError of any entry refuses
+   * the whole commit before anything is queued. With etcd, a lost lock fails it with
+   * LockLostError and nothing is written; one commit writes at most 60 entries there.
+   */
+  async commit(items: readonly CommitItem[], options: GroupCommitOptions = {}): Promise<void> {
+    this.#checkOpen()
+    return commitLocks(this, this.#native, items, options)
   }
 
   /**

@@ -110,6 +110,7 @@ export class MapStore<T = unknown> {
       logger: parts.logger,
       isClosed: () => this.closed,
       commitPrepared: () => parts.database.commitPrepared(),
+      database: parts.database,
       slowCommitMs: parts.slowCommitMs,
     }
     this.#rangeContext = {
