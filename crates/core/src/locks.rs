@@ -153,6 +153,14 @@ impl LockTable {
         self.state().keys.contains_key(key)
     }
 
+    /// Whether anyone waits for `key`'s lock.
+    pub fn has_waiters(&self, key: &str) -> bool {
+        self.state()
+            .keys
+            .get(key)
+            .is_some_and(|lock| !lock.waiters.is_empty())
+    }
+
     /// Hands the lock to the next waiter, or frees the key. Fails if `token` does not hold it.
     pub fn release(&self, key: &str, token: LockToken, after_delete: bool) -> Result<()> {
         let handed = {

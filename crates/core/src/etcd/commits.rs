@@ -28,7 +28,7 @@ use super::replica::Known;
 /// etcd's default `--max-txn-ops`.
 const MAX_TXN_OPS: usize = 128;
 /// Most writes one commit may carry (it must fit one transaction with room for others).
-pub const MAX_COMMIT_WRITES: usize = 64;
+pub const MAX_COMMIT_WRITES: usize = 60;
 /// Record bytes per batch: well under the request limit, so a batch is never refused for size.
 const BATCH_BYTES: usize = 1 << 20;
 
@@ -80,6 +80,9 @@ pub(crate) struct Write {
     pub change: Change,
     pub release: bool,
     pub hold_on_failure: bool,
+    /// The write deletes the process's lock key too (released, no local waiter when the batch
+    /// was made): one round trip fewer than deleting it afterwards.
+    pub fold_release: bool,
 }
 
 impl Write {
@@ -164,7 +167,7 @@ impl ClusterCommit {
                 Compare::create_revision(w.etcd.lock_key.clone(), CompareOp::Equal, w.etcd.fence)
             })
             .collect();
-        let ops: Vec<TxnOp> = self
+        let mut ops: Vec<TxnOp> = self
             .writes
             .iter()
             .map(|w| match &w.change {
@@ -172,6 +175,12 @@ impl ClusterCommit {
                 Change::Delete => TxnOp::delete(w.data_key.clone(), None),
             })
             .collect();
+        ops.extend(
+            self.writes
+                .iter()
+                .filter(|w| w.fold_release)
+                .map(|w| TxnOp::delete(w.etcd.lock_key.clone(), None)),
+        );
         Txn::new().when(compares).and_then(ops)
     }
 }
@@ -243,7 +252,8 @@ async fn run(
             },
         };
         let mut keys: HashSet<String> = first.writes.iter().map(|w| w.data_key.clone()).collect();
-        let mut widest = first.writes.len();
+        // Operations of a unit's nested transaction: a write and a lock release per entry.
+        let mut widest = 2 * first.writes.len();
         let mut bytes = first.bytes();
         let mut batch = vec![first];
         let mut later = VecDeque::new();
@@ -257,7 +267,7 @@ async fn run(
                 },
             };
             let clash = next.writes.iter().any(|w| keys.contains(&w.data_key));
-            let fits = batch.len() + 1 + widest.max(next.writes.len()) <= MAX_TXN_OPS
+            let fits = batch.len() + 1 + widest.max(2 * next.writes.len()) <= MAX_TXN_OPS
                 && bytes + next.bytes() <= BATCH_BYTES;
             if clash || !fits {
                 let full = !fits;
@@ -268,12 +278,17 @@ async fn run(
                 continue;
             }
             keys.extend(next.writes.iter().map(|w| w.data_key.clone()));
-            widest = widest.max(next.writes.len());
+            widest = widest.max(2 * next.writes.len());
             bytes += next.bytes();
             batch.push(next);
         }
         later.extend(deferred.drain(..));
         deferred = later;
+        for commit in batch.iter_mut() {
+            for w in commit.writes.iter_mut() {
+                w.fold_release = w.release && !w.table.locks.local.has_waiters(&w.key);
+            }
+        }
         let Some(core) = core.upgrade() else {
             for c in batch.into_iter().chain(deferred.drain(..)) {
                 fail_closed(c);
@@ -357,6 +372,9 @@ async fn write_batch(core: &Arc<Core>, stats: &CommitStats, batch: Vec<ClusterCo
     drop(written);
     for (commit, ok) in batch.into_iter().zip(fenced) {
         let outcome = if ok {
+            for w in commit.writes.iter().filter(|w| w.fold_release) {
+                w.table.locks.etcd_key_released(&w.key, &w.etcd);
+            }
             Ok(())
         } else {
             for w in &commit.writes {

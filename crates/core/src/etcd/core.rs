@@ -12,6 +12,7 @@ use crate::keys::KeyFormat;
 use crate::sequence::KeySequence;
 use crate::MapOptions;
 
+use super::batcher::TxnBatcher;
 use super::client::{runtime, Cluster, Effect};
 use super::commits::{CommitQueue, CommitStats};
 use super::layout::{prefix_end, unescape_table, Layout, Parsed, LAYOUT_VERSION};
@@ -66,6 +67,8 @@ pub(crate) struct Core {
     pub replica: Arc<Replica>,
     tables: Mutex<HashMap<String, Arc<TableState>>>,
     pub commits: CommitQueue,
+    /// Shares etcd transactions between the lock requests of different keys.
+    pub locker: TxnBatcher,
     pub stats: Arc<CommitStats>,
     closed: AtomicBool,
 }
@@ -85,6 +88,7 @@ impl Core {
         let stats = Arc::new(CommitStats::default());
         let core = Arc::new_cyclic(|weak| Core {
             commits: CommitQueue::start(weak.clone(), stats.clone()),
+            locker: TxnBatcher::start(cluster.clone()),
             url,
             layout,
             cluster: cluster.clone(),
@@ -113,13 +117,11 @@ impl Core {
             if !self.session.is_ours(lease) {
                 continue;
             }
-            if self.session.is_live(lease) {
+            let state = self.tables().get(&table).cloned();
+            let lost = state.is_some_and(|s| s.locks.etcd_key_deleted(&key, lease, revision));
+            if lost && self.session.is_live(lease) {
                 // Revoked or expired, or deleted by hand: the keep-alive finds out which.
                 self.session.check_now();
-            }
-            let state = self.tables().get(&table).cloned();
-            if let Some(state) = state {
-                state.locks.etcd_key_deleted(&key, lease, revision);
             }
         }
     }

@@ -116,16 +116,37 @@ impl KeyLocks {
     }
 
     /// A lock key of this process was seen deleted at `revision`: the lock it stood for is lost.
-    pub fn etcd_key_deleted(&self, key: &str, lease: i64, revision: i64) {
+    /// Returns whether a lock this process held (or had queued for) was lost so: then the
+    /// session may be gone too.
+    pub fn etcd_key_deleted(&self, key: &str, lease: i64, revision: i64) -> bool {
+        let mut state = self.state();
+        let Some(entry) = state.keys.get_mut(key) else {
+            return false;
+        };
+        let gone = entry
+            .etcd
+            .as_ref()
+            .is_some_and(|e| e.lease == lease && revision > e.fence);
+        if gone {
+            entry.etcd = None;
+        }
+        // A driver queued for the lock looks again (its own key may be the one gone).
+        entry.changed.notify_one();
+        gone
+    }
+
+    /// A commit deleted the process's lock key of `key` with its write (the lock was being
+    /// released with no local waiter): forget it, so a local waiter that came meanwhile takes
+    /// the etcd lock afresh instead of being handed a key that is gone.
+    pub fn etcd_key_released(&self, key: &str, etcd: &EtcdKey) {
         let mut state = self.state();
         if let Some(entry) = state.keys.get_mut(key) {
-            let gone = entry
+            if entry
                 .etcd
                 .as_ref()
-                .is_some_and(|e| e.lease == lease && revision > e.fence);
-            if gone {
+                .is_some_and(|e| e.lock_key == etcd.lock_key && e.fence == etcd.fence)
+            {
                 entry.etcd = None;
-                entry.changed.notify_one();
             }
         }
     }
@@ -470,7 +491,6 @@ async fn acquire_etcd(
     changed: &Notify,
     queued: Option<EtcdKey>,
 ) -> std::result::Result<Option<EtcdKey>, (Error, Option<EtcdKey>)> {
-    let what = format!("acquiring the lock on '{key}'");
     let layout = &core.layout;
     let prefix = layout.lock_prefix(&table.name, key);
     let data_key = layout.data_key(&table.name, key);
@@ -514,15 +534,8 @@ async fn acquire_etcd(
                 TxnOp::get(prefix.clone(), Some(first)),
                 TxnOp::get(data_key.clone(), None),
             ]);
-        let answer = core
-            .cluster
-            .call(&what, Effect::Nothing, || {
-                let mut kv = core.cluster.kv.clone();
-                let txn = txn.clone();
-                async move { kv.txn(txn).await }
-            })
-            .await;
-        let answer = match answer {
+        let answer = core.locker.run(txn, 3).await;
+        let (revision, answer) = match answer {
             Err(err) if err.to_string().contains("lease not found") && retries > 0 => {
                 // The session's lease is gone (revoked, expired) before the keep-alive knew.
                 retries -= 1;
@@ -531,7 +544,6 @@ async fn acquire_etcd(
             }
             other => other.map_err(|e| (e, Some(etcd.clone())))?,
         };
-        let revision = answer.header().map_or(0, |h| h.revision());
         core.replica.saw_revision(revision);
         let got = gets(&answer);
         etcd.fence = if answer.succeeded() {
@@ -570,16 +582,11 @@ async fn acquire_etcd(
                 TxnOp::get(prefix.clone(), Some(before)),
                 TxnOp::get(data_key.clone(), None),
             ]);
-            let answer = core
-                .cluster
-                .call(&what, Effect::Nothing, || {
-                    let mut kv = core.cluster.kv.clone();
-                    let txn = txn.clone();
-                    async move { kv.txn(txn).await }
-                })
+            let (revision, answer) = core
+                .locker
+                .run(txn, 3)
                 .await
                 .map_err(|e| (e, Some(etcd.clone())))?;
-            let revision = answer.header().map_or(0, |h| h.revision());
             core.replica.saw_revision(revision);
             let got = gets(&answer);
             if got[0].is_empty() {

@@ -19,6 +19,7 @@
 //! blocking calls refuse there with [`Error::InvalidArgument`]).
 
 mod autokeys;
+mod batcher;
 mod client;
 mod commits;
 mod core;
@@ -583,6 +584,7 @@ impl ClusterMap {
                 change,
                 release: !options.update_only,
                 hold_on_failure: options.hold_lock_on_failure,
+                fold_release: false,
             }],
             done: vec![done],
             in_flight: None,
