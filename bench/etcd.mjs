@@ -9,6 +9,7 @@
 // (the median over rounds of each round's ratio) against the issue's targets, and the RSS of a
 // process whose replica holds --rss-entries entries (on the first cluster size).
 import { execFile } from 'node:child_process'
+import { readdirSync, statSync } from 'node:fs'
 import { cpus } from 'node:os'
 import { parseArgs, promisify } from 'node:util'
 import { Etcd3 } from 'etcd3'
@@ -34,6 +35,13 @@ function median(xs) {
   return known.length % 2 ? known[mid] : (known[mid - 1] + known[mid]) / 2
 }
 const fmt = (x) => (x === undefined ? '–' : x >= 100_000 ? `${Math.round(x / 1000)}k` : x >= 1000 ? `${(x / 1000).toFixed(1)}k` : x.toFixed(0))
+/** When the native module and dist/ were last written: a rebuild during the run mixes builds. */
+function buildStamp() {
+  const root = new URL('..', import.meta.url).pathname
+  const files = [...readdirSync(root).filter((f) => /^kvstore\..*\.node$/.test(f)), ...readdirSync(`${root}dist`).map((f) => `dist/${f}`)]
+  const newest = Math.max(...files.map((f) => statSync(`${root}${f}`).mtimeMs))
+  return new Date(newest).toISOString()
+}
 const ratioText = (x) => (x === undefined ? '–' : x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2))
 
 export async function main(argv) {
@@ -56,6 +64,7 @@ export async function main(argv) {
   for (const w of chosen) if (w !== 'rss' && !etcdWorkloads.includes(w)) throw new Error(`unknown workload ${w}; known: ${etcdWorkloads.join(', ')}, rss`)
   const timeout = Number(flags.timeout) * 1000
   const started = Date.now()
+  const build = buildStamp()
   let runs = 0
 
   /** One (store, workload) in its own process on a fresh prefix; the prefix is deleted after. */
@@ -120,7 +129,9 @@ export async function main(argv) {
     }
   }
 
-  const lines = [`\nN = ${n}; ${rounds} round${rounds > 1 ? 's (medians)' : ''}; ${cpus().length} cores (${cpus()[0]?.model ?? 'unknown'}); Node ${process.version}; etcd on loopback, data in a temporary directory`]
+  const lines = [`\nN = ${n}; ${rounds} round${rounds > 1 ? 's (medians)' : ''}; ${cpus().length} cores (${cpus()[0]?.model ?? 'unknown'}); Node ${process.version}; etcd on loopback, data in a temporary directory; build of ${build}`]
+  const rebuilt = buildStamp()
+  if (rebuilt !== build) lines.push(`WARNING: the native module or dist/ was rewritten during the run (${build} → ${rebuilt}): the figures mix builds`)
   for (const { members, rows } of tables) {
     lines.push(`\n${members}-member cluster\n`)
     lines.push(`| workload | ${COLUMNS.map((c) => HEADINGS[c]).join(' | ')} | kvstore ÷ best etcd3 | target | lost updates | checks |`)
