@@ -250,3 +250,37 @@ fn closing_a_handle_rejects_its_waiters_and_frees_its_locks_for_other_processes(
     let map = reopened.map_store("m", &MapOptions::default()).unwrap();
     assert_eq!(value(&map, "k").as_deref(), Some("b too"));
 }
+
+#[test]
+fn a_session_lost_while_the_cluster_was_down_is_replaced_and_locks_work_again() {
+    let mut cluster = EtcdCluster::start(1);
+    let opts = ClusterOptions {
+        session_ttl: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(1),
+        ..ClusterOptions::default()
+    };
+    let db = ClusterDatabase::open(&cluster.url("app"), opts).unwrap();
+    let map = db.map_store("m", &MapOptions::default()).unwrap();
+    let held = map.lock("k", LockMode::Any, None).unwrap();
+    let lease = db.session_lease().unwrap();
+    cluster.kill(0);
+    // Down for longer than the TTL: each failed lock attempt takes up to the request timeout.
+    for _ in 0..3 {
+        let err = map.lock("other", LockMode::Any, None).err().unwrap();
+        assert_eq!(err.code(), ErrorCode::Unavailable, "{err}");
+    }
+    assert!(
+        db.session_losses() >= 1,
+        "no keep-alive answered for a whole TTL"
+    );
+    assert!(
+        !map.holds("k", held.token()),
+        "the lock went with the session"
+    );
+    let err = held.commit(rec("late")).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::LockLost, "{err}");
+    cluster.restart(0);
+    write_when_back(&map, "k", "after", 30);
+    assert_ne!(db.session_lease(), Some(lease));
+    assert_eq!(value(&map, "k").as_deref(), Some("after"));
+}

@@ -576,3 +576,41 @@ fn a_joined_commit_is_written_whole_or_not_at_all_and_only_through_its_store() {
     assert!(elsewhere.holds("j4", foreign.token()));
     assert_eq!(jobs.get("j3").unwrap(), None);
 }
+
+#[test]
+fn snapshot_all_reads_every_map_at_one_revision() {
+    let cluster = EtcdCluster::start(1);
+    let db = open(&cluster, "app");
+    let json = MapOptions {
+        codec: "json".into(),
+        ..MapOptions::default()
+    };
+    let jobs = db.map_store("jobs", &json).unwrap();
+    let paths = db.map_store("a/b", &MapOptions::default()).unwrap();
+    db.map_store("empty", &MapOptions::default()).unwrap();
+    for i in 0..5 {
+        jobs.lock(&format!("j{i}"), LockMode::New, None)
+            .unwrap()
+            .commit(rec("job"))
+            .unwrap();
+    }
+    paths
+        .lock("/x/y", LockMode::New, None)
+        .unwrap()
+        .commit(rec("p"))
+        .unwrap();
+    let (revision, maps) = db.snapshot_all().unwrap();
+    assert!(revision > 0);
+    let names: Vec<(&str, &str, usize)> = maps
+        .iter()
+        .map(|(n, c, m)| (n.as_str(), c.as_str(), m.len()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![("a/b", "raw", 1), ("empty", "raw", 0), ("jobs", "json", 5)]
+    );
+    assert_eq!(
+        value_of(maps[0].2.get("/x/y").cloned()).as_deref(),
+        Some("p")
+    );
+}
