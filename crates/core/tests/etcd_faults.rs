@@ -284,3 +284,50 @@ fn a_session_lost_while_the_cluster_was_down_is_replaced_and_locks_work_again() 
     assert_ne!(db.session_lease(), Some(lease));
     assert_eq!(value(&map, "k").as_deref(), Some("after"));
 }
+
+#[test]
+fn a_cluster_with_tighter_limits_refuses_what_is_too_large_and_takes_the_rest() {
+    let cluster =
+        EtcdCluster::start_with_args(1, &["--max-request-bytes=65536", "--max-txn-ops=16"]);
+    let db = ClusterDatabase::open(&cluster.url("app"), options(Duration::from_secs(5))).unwrap();
+    let map = db.map_store("m", &MapOptions::default()).unwrap();
+    // Over the cluster's request limit (under the default one): InvalidArgument naming it.
+    let guard = map.lock("big", LockMode::New, None).unwrap();
+    let err = guard
+        .commit(envelope::encode(&[], &vec![b'x'; 100_000]))
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("max-request-bytes"), "{err}");
+    assert_eq!(map.get("big").unwrap(), None);
+    // 64 locks and 64 commits at once do not fit 16 operations a transaction: they are taken
+    // and written anyway.
+    let guards: Vec<_> = std::thread::scope(|s| {
+        let takers: Vec<_> = (0..64)
+            .map(|i| {
+                let map = &map;
+                s.spawn(move || map.lock(&format!("k{i:02}"), LockMode::New, None).unwrap())
+            })
+            .collect();
+        takers.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let (tx, rx) = mpsc::channel();
+    let commits: Vec<_> = guards
+        .iter()
+        .map(|g| {
+            let tx = tx.clone();
+            map.prepare_commit(
+                g.key(),
+                g.token(),
+                kvstore_core::Change::Put(rec("v").into()),
+                Default::default(),
+                Box::new(move |r| tx.send(r).unwrap()),
+            )
+            .unwrap()
+        })
+        .collect();
+    db.submit(commits);
+    for _ in 0..64 {
+        rx.recv().unwrap().unwrap();
+    }
+    assert_eq!(map.snapshot().unwrap().len(), 64);
+}

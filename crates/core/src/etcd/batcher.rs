@@ -105,6 +105,12 @@ async fn write(cluster: &Cluster, mut batch: Vec<Job>) {
                 let _ = job.done.send(answer);
             }
         }
+        Err(Error::InvalidArgument(_)) => {
+            // The cluster's limits are tighter than the defaults: one at a time.
+            for job in batch {
+                Box::pin(write(cluster, vec![job])).await;
+            }
+        }
         Err(err) => {
             for job in batch {
                 let _ = job.done.send(Err(err.clone()));
