@@ -597,11 +597,14 @@ async fn acquire_etcd(
                 revision,
                 got[2].first().map(|kv| Arc::<[u8]>::from(kv.value())),
             );
-            let Some(before) = got[1].first().map(|kv| kv.key().to_vec()) else {
+            let Some((before, created)) = got[1]
+                .first()
+                .map(|kv| (kv.key().to_vec(), kv.create_revision()))
+            else {
                 head = Some(lock_key.as_bytes().to_vec());
                 continue;
             };
-            let gone = core.replica.lock_gone(&before, revision);
+            let gone = core.replica.lock_gone(&before, created, revision);
             tokio::select! {
                 _ = gone => {}
                 _ = changed.notified() => {

@@ -410,6 +410,27 @@ impl ClusterDatabase {
     pub fn pause_replica(&self, paused: bool) {
         self.core().replica.pause(paused);
     }
+
+    /// Test hook: blocks until at least `count` waits for a lock key ahead in the queue were
+    /// registered by this core (false after `timeout`).
+    #[doc(hidden)]
+    pub fn wait_lock_waits(&self, count: u64, timeout: Duration) -> bool {
+        let mut waits = self.core().replica.lock_waits();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("a runtime");
+            let reached = rt.block_on(async {
+                tokio::time::timeout(timeout, waits.wait_for(|n| *n >= count))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            });
+            let _ = tx.send(reached);
+        });
+        rx.recv().unwrap_or(false)
+    }
 }
 
 /// A fingerprint of the credentials: handles share a core only when they would connect as the

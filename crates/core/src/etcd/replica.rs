@@ -67,8 +67,11 @@ impl State {
 struct Waits {
     /// Woken once the replica's revision reaches the number.
     revision: Vec<(i64, oneshot::Sender<()>)>,
-    /// Woken once the lock key is gone as of a revision at least the number.
-    lock_gone: Vec<(Box<[u8]>, i64, oneshot::Sender<()>)>,
+    /// Woken once the lock key (at that create revision) is gone as of a revision at least the
+    /// number: (key, create revision, revision, sender). The create revision, not the name, since
+    /// a name is reused per lease: deleted and put again before the replica applies both, the
+    /// name is still there but the predecessor is not.
+    lock_gone: Vec<(Box<[u8]>, i64, i64, oneshot::Sender<()>)>,
 }
 
 /// Counters for stats.
@@ -95,6 +98,8 @@ pub(crate) struct Replica {
     reloads: AtomicU64,
     /// Test hook: the watch is dropped and not reopened while set.
     paused: watch::Sender<bool>,
+    /// How many lock waits were registered so far (for tests).
+    lock_waits: watch::Sender<u64>,
     closed: watch::Sender<bool>,
 }
 
@@ -108,6 +113,7 @@ impl Replica {
             connected: AtomicBool::new(false),
             reloads: AtomicU64::new(0),
             paused: watch::channel(false).0,
+            lock_waits: watch::channel(0).0,
             closed: watch::channel(false).0,
         }
     }
@@ -260,11 +266,11 @@ impl Replica {
         woken.extend(done.into_iter().map(|(_, tx)| tx));
         let (done, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut waits.lock_gone)
             .into_iter()
-            .partition(|(key, at, tx)| {
-                tx.is_closed() || (*at <= revision && !state.lock_keys.contains_key(key))
+            .partition(|(key, created, at, tx)| {
+                tx.is_closed() || (*at <= revision && state.lock_keys.get(key) != Some(created))
             });
         waits.lock_gone = kept;
-        woken.extend(done.into_iter().map(|(_, _, tx)| tx));
+        woken.extend(done.into_iter().map(|(_, _, _, tx)| tx));
         drop(waits);
         drop(state);
         for tx in woken {
@@ -280,12 +286,14 @@ impl Replica {
         rx
     }
 
-    /// Resolves once `lock_key` is gone as of a revision at least `after`.
-    pub fn lock_gone(&self, lock_key: &[u8], after: i64) -> oneshot::Receiver<()> {
+    /// Resolves once `lock_key` created at `created` is gone (deleted, or put again with another
+    /// create revision) as of a revision at least `after`.
+    pub fn lock_gone(&self, lock_key: &[u8], created: i64, after: i64) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
         self.waits()
             .lock_gone
-            .push((Box::from(lock_key), after, tx));
+            .push((Box::from(lock_key), created, after, tx));
+        self.lock_waits.send_modify(|n| *n += 1);
         self.wake();
         rx
     }
@@ -297,6 +305,11 @@ impl Replica {
     /// Test hook: drop the watch (the replica falls behind) or let it resume.
     pub fn pause(&self, paused: bool) {
         self.paused.send_replace(paused);
+    }
+
+    /// Test hook: the count of lock waits registered so far, to wait on.
+    pub fn lock_waits(&self) -> watch::Receiver<u64> {
+        self.lock_waits.subscribe()
     }
 
     pub fn close(&self) {
