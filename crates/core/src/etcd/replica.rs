@@ -71,8 +71,11 @@ struct Waits {
     /// number: (key, create revision, revision, sender). The create revision, not the name, since
     /// a name is reused per lease: deleted and put again before the replica applies both, the
     /// name is still there but the predecessor is not.
-    lock_gone: Vec<(Box<[u8]>, i64, i64, oneshot::Sender<()>)>,
+    lock_gone: Vec<LockWait>,
 }
+
+/// A wait for a lock key to go: (key, its create revision, as of revision, sender).
+type LockWait = (Box<[u8]>, i64, i64, oneshot::Sender<()>);
 
 /// Counters for stats.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
