@@ -76,6 +76,8 @@ export declare class NativeMapStore {
    * lock is handed out through it any more. Locks it holds stay held until released.
    */
   close(): void
+  /** Starts a watch of this map's commits from now on (see `NativeWatcher`). */
+  watch(options: NativeWatchOptions): NativeWatcher
   /**
    * Prepares a write of `record` (or a delete, per `flags`) under the lock `token`; it is
    * queued at the next `flush()` of its database and settles once durable.
@@ -105,6 +107,18 @@ export declare class NativeRange {
    */
   nextBatch(maxItems: number): Buffer | null
   /** Frees the snapshot now rather than at garbage collection. */
+  close(): void
+}
+
+/**
+ * One watch of a map: `next()` hands over the changes committed since the last call, packed
+ * (see `pack_events`), at once when there are; otherwise a promise settled through the
+ * mailbox when the core wakes it — no polling. Null once the watch ended (closed: `close()`,
+ * its view or database closed); a failure (an overflow) is thrown once, then null.
+ */
+export declare class NativeWatcher {
+  next(): Buffer | null | Promise<Buffer | null>
+  /** Ends the watch and frees what it held; a pending `next()` resolves null. Idempotent. */
   close(): void
 }
 
@@ -168,9 +182,16 @@ export interface NativeStats {
   /** etcd: the replica's revision, and how many revisions it may be behind. */
   replicaRevision?: number
   replicaLag?: number
+  /** Watches of this map open in the process. */
+  watchers: number
 }
 
 export interface NativeTableInfo {
   name: string
   codec: string
+}
+
+export interface NativeWatchOptions {
+  prefix?: string
+  highWaterMark?: number
 }

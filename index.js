@@ -838,5 +838,6 @@ module.exports = nativeBinding
 module.exports.NativeDatabase = nativeBinding.NativeDatabase
 module.exports.NativeMapStore = nativeBinding.NativeMapStore
 module.exports.NativeRange = nativeBinding.NativeRange
+module.exports.NativeWatcher = nativeBinding.NativeWatcher
 module.exports.checkIntegrity = nativeBinding.checkIntegrity
 module.exports.errorCodes = nativeBinding.errorCodes

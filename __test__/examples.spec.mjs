@@ -19,6 +19,12 @@ test('the job tracker keeps one job per path across its two maps', async (t) => 
   t.regex(stdout, /paths still tracked: 0/)
 })
 
+test('the job runner waits for jobs through watch, and sees each go QUEUED → RUNNING → DONE', async (t) => {
+  const { stdout } = await run(process.execPath, [example('job-runner.mjs')])
+  t.is((stdout.match(/ DONE {4}runner [01] {2}output \d+/g) ?? []).length, 20)
+  t.regex(stdout, /all 20 jobs went QUEUED → RUNNING → DONE exactly once, seen through watch; watchers left: 0/)
+})
+
 test('the worker pool runs every job exactly once', async (t) => {
   const { stdout } = await run(process.execPath, [example('worker-pool.mjs')])
   t.regex(stdout, /every one of 200 jobs ran exactly once/)

@@ -5,12 +5,13 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use std::sync::Mutex;
+use std::sync::{Mutex, Weak};
 
 use kvstore_core::etcd::{ClusterOptions, ClusterTls};
 use kvstore_core::{
     Acquire, Change, CommitOptions, Database, DatabaseOptions, EntryRange, ErrorCode, Grant,
     KeyFormat, LockMode, LockedEntry, MapOptions, MapStore, NextKey, PreparedCommit, RangeOptions,
+    WatchEvent, WatchNext, WatchOptions, Watcher,
 };
 use napi::bindgen_prelude::*;
 use napi::{CleanupEnvHook, Env};
@@ -429,6 +430,8 @@ pub struct NativeStats {
     /// etcd: the replica's revision, and how many revisions it may be behind.
     pub replica_revision: Option<f64>,
     pub replica_lag: Option<f64>,
+    /// Watches of this map open in the process.
+    pub watchers: f64,
 }
 
 #[napi]
@@ -447,6 +450,8 @@ pub(crate) struct View {
     closed: AtomicBool,
     /// Tickets of the waits queued through this view and not yet settled.
     waits: Mutex<HashSet<u64>>,
+    /// Watches opened through this view: closing it ends them.
+    watches: Mutex<Vec<Weak<WatchState>>>,
 }
 
 impl View {
@@ -456,6 +461,10 @@ impl View {
 
     fn waits(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
         self.waits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn watches(&self) -> std::sync::MutexGuard<'_, Vec<Weak<WatchState>>> {
+        self.watches.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -571,6 +580,52 @@ impl NativeMapStore {
             self.map
                 .cancel_wait(ticket, kvstore_core::Error::StoreClosed);
         }
+        let watches: Vec<_> = self.view.watches().drain(..).collect();
+        for watch in watches.iter().filter_map(Weak::upgrade) {
+            watch.watcher.close();
+        }
+    }
+
+    /// Starts a watch of this map's commits from now on (see `NativeWatcher`).
+    #[napi(catch_unwind)]
+    pub fn watch(&self, options: NativeWatchOptions) -> Result<NativeWatcher> {
+        if self.view.is_closed() {
+            return Err(js_error(kvstore_core::Error::StoreClosed));
+        }
+        let defaults = WatchOptions::default();
+        let high_water_mark = match options.high_water_mark {
+            None => defaults.high_water_mark,
+            Some(n) if n >= 1.0 && n.fract() == 0.0 && n <= usize::MAX as f64 => n as usize,
+            Some(n) => {
+                return Err(js_error(kvstore_core::Error::invalid(format!(
+                    "highWaterMark must be a positive integer, got {n}"
+                ))))
+            }
+        };
+        let watcher = self
+            .map
+            .watch(&WatchOptions {
+                prefix: options.prefix,
+                high_water_mark,
+            })
+            .or_js()?;
+        let state = Arc::new(WatchState {
+            watcher,
+            waiting: AtomicBool::new(false),
+        });
+        {
+            let mut watches = self.view.watches();
+            watches.retain(|w| w.strong_count() > 0);
+            watches.push(Arc::downgrade(&state));
+        }
+        if self.view.is_closed() {
+            // The view closed meanwhile and may not have seen this watch.
+            state.watcher.close();
+        }
+        Ok(NativeWatcher {
+            state,
+            mailbox: self.mailbox.clone(),
+        })
     }
 
     /// Prepares a write of `record` (or a delete, per `flags`) under the lock `token`; it is
@@ -697,7 +752,103 @@ impl NativeMapStore {
             unsynced_batches: s.unsynced_batches as f64,
             replica_revision: s.replica_revision.map(|r| r as f64),
             replica_lag: s.replica_lag.map(|r| r as f64),
+            watchers: s.watchers as f64,
         })
+    }
+}
+
+#[napi(object)]
+pub struct NativeWatchOptions {
+    pub prefix: Option<String>,
+    pub high_water_mark: Option<f64>,
+}
+
+/// A watch and whether a `next()` promise waits on it.
+pub(crate) struct WatchState {
+    pub(crate) watcher: Watcher,
+    pub(crate) waiting: AtomicBool,
+}
+
+/// Changes handed to JS per `next()`.
+const WATCH_BATCH: usize = 1024;
+
+/// Packs changes as `u32le keyLength, key, i32le recordLength (-1: deleted), record` each.
+pub(crate) fn pack_events(events: &[WatchEvent]) -> Vec<u8> {
+    let size: usize = events
+        .iter()
+        .map(|e| 8 + e.key.len() + e.record.as_ref().map_or(0, |r| r.len()))
+        .sum();
+    let mut out = Vec::with_capacity(size);
+    for event in events {
+        out.extend_from_slice(&(event.key.len() as u32).to_le_bytes());
+        out.extend_from_slice(event.key.as_bytes());
+        match &event.record {
+            Some(record) => {
+                out.extend_from_slice(&(record.len() as i32).to_le_bytes());
+                out.extend_from_slice(record);
+            }
+            None => out.extend_from_slice(&(-1i32).to_le_bytes()),
+        }
+    }
+    out
+}
+
+/// One watch of a map: `next()` hands over the changes committed since the last call, packed
+/// (see `pack_events`), at once when there are; otherwise a promise settled through the
+/// mailbox when the core wakes it — no polling. Null once the watch ended (closed: `close()`,
+/// its view or database closed); a failure (an overflow) is thrown once, then null.
+#[napi]
+pub struct NativeWatcher {
+    state: Arc<WatchState>,
+    mailbox: Arc<Mailbox>,
+}
+
+#[napi]
+impl NativeWatcher {
+    #[napi(
+        catch_unwind,
+        ts_return_type = "Buffer | null | Promise<Buffer | null>"
+    )]
+    pub fn next<'env>(
+        &self,
+        env: &'env Env,
+    ) -> Result<Either3<BufferSlice<'env>, Null, PromiseRaw<'static, Option<Buffer>>>> {
+        let state = &self.state;
+        if state.waiting.load(Ordering::SeqCst) {
+            return Err(js_error(kvstore_core::Error::invalid(
+                "a watch is read one next() at a time",
+            )));
+        }
+        match state.watcher.try_next(WATCH_BATCH) {
+            WatchNext::Changes(events) => {
+                return Ok(Either3::A(BufferSlice::copy_from(
+                    env,
+                    pack_events(&events),
+                )?))
+            }
+            WatchNext::Ended => return Ok(Either3::B(Null)),
+            WatchNext::Failed(err) => return Err(js_error(err)),
+            WatchNext::Pending => {}
+        }
+        let (deferred, raw) = match self.mailbox.promise(env) {
+            Ok(made) => made,
+            // The database closed: its watches ended with it.
+            Err(_) => return Ok(Either3::B(Null)),
+        };
+        state.waiting.store(true, Ordering::SeqCst);
+        let mailbox = self.mailbox.clone();
+        let woken = self.state.clone();
+        // Called at once if something came between the two looks.
+        state.watcher.wake_when_ready(Box::new(move || {
+            mailbox.post(Settlement::Watch(deferred, woken))
+        }));
+        Ok(Either3::C(PromiseRaw::new(env.raw(), raw)))
+    }
+
+    /// Ends the watch and frees what it held; a pending `next()` resolves null. Idempotent.
+    #[napi(catch_unwind)]
+    pub fn close(&self) {
+        self.state.watcher.close();
     }
 }
 

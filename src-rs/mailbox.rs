@@ -8,11 +8,11 @@ use std::ptr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use kvstore_core::{Grant, LockMode, LockedEntry, MapStore};
-use napi::bindgen_prelude::{JsError, ToNapiValue};
+use kvstore_core::{Grant, LockMode, LockedEntry, MapStore, WatchNext};
+use napi::bindgen_prelude::{BufferSlice, JsError, Null, ToNapiValue};
 use napi::{sys, Env, Error, Result, Status};
 
-use crate::{js_error, to_js_locked, View};
+use crate::{js_error, pack_events, to_js_locked, View, WatchState, WATCH_BATCH};
 
 /// A promise's resolver; resolved only on the JS thread that made it.
 pub struct Deferred(sys::napi_deferred);
@@ -55,6 +55,8 @@ pub enum Settlement {
     NotGranted(Deferred, kvstore_core::Error),
     Key(Deferred, kvstore_core::Result<String>),
     Flag(Deferred, kvstore_core::Result<bool>),
+    /// A watch's parked `next()`: settled with what the watch holds when it is drained.
+    Watch(Deferred, Arc<WatchState>),
 }
 
 /// A promise's deferred that settles exactly once: through the core's callback, or through
@@ -311,6 +313,21 @@ unsafe fn settle(env: sys::napi_env, item: Settlement) {
                 .map_err(js_error)
                 .and_then(|flag| bool::to_napi_value(env, flag)),
         ),
+        Settlement::Watch(d, state) => {
+            state.waiting.store(false, Ordering::SeqCst);
+            let outcome = match state.watcher.try_next(WATCH_BATCH) {
+                WatchNext::Changes(events) => {
+                    BufferSlice::copy_from(&Env::from_raw(env), pack_events(&events))
+                        .and_then(|b| BufferSlice::to_napi_value(env, b))
+                }
+                // Woken with nothing to read: an empty batch, and the reader asks again.
+                WatchNext::Pending => BufferSlice::copy_from(&Env::from_raw(env), [])
+                    .and_then(|b| BufferSlice::to_napi_value(env, b)),
+                WatchNext::Ended => Null::to_napi_value(env, Null),
+                WatchNext::Failed(err) => Err(js_error(err)),
+            };
+            (d, outcome)
+        }
     };
     match outcome {
         Ok(value) => {

@@ -57,6 +57,12 @@ export class LockLostError extends kind('ERR_LOCK_LOST') {}
 export class UnavailableError extends kind('ERR_UNAVAILABLE') {}
 /** etcd: authentication or authorization refused. */
 export class PermissionDeniedError extends kind('ERR_PERMISSION_DENIED') {}
+/**
+ * A watch fell more than its highWaterMark changes behind (or, with etcd, its replica had to
+ * read the prefix again after a compaction and cannot replay what it missed): the watch ended
+ * and its unread changes were dropped. Read the map again and start a new watch.
+ */
+export class WatchOverflowError extends kind('ERR_WATCH_OVERFLOW') {}
 /** A failed read, write or sync. `errno` is the OS error number, `systemCode` its name. */
 export class IoError extends kind('ERR_IO') {
   errno?: number
@@ -84,6 +90,7 @@ export const errorClasses: Record<string, ErrorClass> = {
   ERR_LOCK_LOST: LockLostError,
   ERR_UNAVAILABLE: UnavailableError,
   ERR_PERMISSION_DENIED: PermissionDeniedError,
+  ERR_WATCH_OVERFLOW: WatchOverflowError,
   ERR_IO: IoError,
 }
 

@@ -5,6 +5,8 @@ export { Entry, EntryLock } from './entry-lock'
 export type { CommitItem, CommitOptions, GroupCommitOptions } from './entry-lock'
 export { EntryItem, EntryRange } from './entry-range'
 export type { RangeOptions } from './entry-range'
+export { Watch, WatchChange } from './watch'
+export type { WatchOptions } from './watch'
 export { codecs } from './codecs'
 export type { Codec } from './codecs'
 export type { Metadata } from './envelope'
@@ -30,5 +32,6 @@ export {
   LockReleasedError,
   LockTimeoutError,
   StoreClosedError,
+  WatchOverflowError,
   errorClasses,
 } from './errors'

@@ -12,6 +12,7 @@ import { checkRangeOptions, EntryRange, OpenWalks, type RangeContext, type Range
 import { checkMetadata, decodeRecord, readEnvelope, type Metadata } from './envelope'
 import { AbortError, InvalidArgumentError, native, settled, StoreClosedError } from './errors'
 import type { Logger } from './logger'
+import { checkWatchOptions, Watch, type WatchOptions } from './watch'
 import type { NativeLocked, NativeMapStore, NativeStats } from './native'
 import { checkObject, checkTimeout, checkWellFormedKey, type OpenOptions } from './options'
 
@@ -342,6 +343,23 @@ export class MapStore<T = unknown> {
     this.#checkOpen()
     const checked = checkRangeOptions(options)
     return native(() => this.#parts.native.count(checked))
+  }
+
+  // ---- watching ----
+
+  /**
+   * Every change committed to this map from now on — from any handle and worker thread of the
+   * process, and with etcd from any process — in commit order, a multi-entry commit's changes
+   * together: `for await (const { type, key, value, metadata } of map.watch({ prefix, signal }))`.
+   * A consumer more than `highWaterMark` changes behind (default 10 000) gets WatchOverflowError.
+   * `break`, `return()`, the signal (AbortError) or closing the map or its database end it.
+   */
+  watch(options: WatchOptions = {}): Watch<T> {
+    this.#checkOpen()
+    const { prefix, signal, highWaterMark } = checkWatchOptions(options)
+    if (signal?.aborted) throw new AbortError(undefined, { cause: signal.reason })
+    const watcher = native(() => this.#parts.native.watch({ prefix, highWaterMark }))
+    return new Watch(watcher, this.#parts.codec, signal)
   }
 
   stats(): Stats {

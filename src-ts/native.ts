@@ -9,3 +9,4 @@ export type NativeMapStore = Binding.NativeMapStore
 export type NativeRange = Binding.NativeRange
 export type NativeLocked = Binding.NativeLocked
 export type NativeStats = Binding.NativeStats
+export type NativeWatcher = Binding.NativeWatcher

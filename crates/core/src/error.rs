@@ -26,10 +26,11 @@ pub enum ErrorCode {
     LockLost,
     Unavailable,
     PermissionDenied,
+    WatchOverflow,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::EntryExists,
         ErrorCode::EntryNotFound,
         ErrorCode::EntryDeleted,
@@ -48,6 +49,7 @@ impl ErrorCode {
         ErrorCode::LockLost,
         ErrorCode::Unavailable,
         ErrorCode::PermissionDenied,
+        ErrorCode::WatchOverflow,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +72,7 @@ impl ErrorCode {
             ErrorCode::LockLost => "ERR_LOCK_LOST",
             ErrorCode::Unavailable => "ERR_UNAVAILABLE",
             ErrorCode::PermissionDenied => "ERR_PERMISSION_DENIED",
+            ErrorCode::WatchOverflow => "ERR_WATCH_OVERFLOW",
         }
     }
 }
@@ -137,6 +140,11 @@ pub enum Error {
     /// etcd refused the credentials, or the user has no permission on the prefix.
     #[error("{message}")]
     PermissionDenied { message: String },
+    /// A watch fell more changes behind than its high-water mark (or, on a cluster, its
+    /// replica had to re-read the prefix and cannot replay what it missed): it ended, and the
+    /// changes it had not read were dropped.
+    #[error("{message}")]
+    WatchOverflow { message: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -161,6 +169,7 @@ impl Error {
             Error::LockLost { .. } => ErrorCode::LockLost,
             Error::Unavailable { .. } => ErrorCode::Unavailable,
             Error::PermissionDenied { .. } => ErrorCode::PermissionDenied,
+            Error::WatchOverflow { .. } => ErrorCode::WatchOverflow,
         }
     }
 

@@ -27,6 +27,7 @@ mod range;
 mod sequence;
 mod store;
 pub mod typed;
+mod watch;
 
 pub use cache::CacheCounts;
 pub use envelope::Record;
@@ -40,3 +41,4 @@ pub use map::{
 };
 pub use range::{EntryRange, RangeOptions, RawEntry};
 pub use store::{Backup, CommitItem, Database, EntryGuard, MapStore, PreparedCommit};
+pub use watch::{WatchEvent, WatchNext, WatchOptions, WatchWaker, Watcher};

@@ -76,6 +76,8 @@ pub struct MapStats {
     /// How many revisions the replica may be behind the newest this process has seen (an upper
     /// bound: other prefixes' revisions count too); `None` for a file.
     pub replica_lag: Option<i64>,
+    /// Watches of this map open in this process.
+    pub watchers: u64,
 }
 
 /// Called exactly once with the outcome of one commit, on the writer (or on a thread writing a

@@ -20,6 +20,7 @@ use crate::map::{
     Change, CommitCallback, CommitOptions, LockMode, LockedEntry, MapOptions, MapStats, NextKey,
 };
 use crate::range::{EntryRange, RangeOptions};
+use crate::watch::{WatchOptions, Watcher};
 
 // Several held locks, one atomic commit: `Database::prepare_group` and friends.
 #[path = "multi_commit.rs"]
@@ -487,6 +488,23 @@ impl MapStore {
         make_waiter: impl FnOnce() -> Box<dyn FnOnce(Result<String>) + Send>,
     ) -> Result<NextKey> {
         each!(&self.0, map => map.next_key(make_waiter))
+    }
+
+    // ---- watches ----
+
+    /// Starts a watch of this map: every change committed from now on — from every handle and
+    /// thread of the process (file), or from every process (cluster) — in commit order, each
+    /// transaction's changes together. Read it with [`Watcher::poll`] (a callback wakes the
+    /// reader) or [`Watcher::recv`] (blocking). A reader more than `high_water_mark` changes
+    /// behind gets [`Error::WatchOverflow`]; closing this handle ends the watch.
+    pub fn watch(&self, options: &WatchOptions) -> Result<Watcher> {
+        match &self.0 {
+            Storage::File(map) => map.watch(options),
+            #[cfg(feature = "etcd")]
+            Storage::Cluster(map) => map.watch(options),
+            #[cfg(not(feature = "etcd"))]
+            Storage::Never(never, _) => absurd(never),
+        }
     }
 
     // ---- insight ----

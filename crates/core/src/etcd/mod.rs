@@ -38,6 +38,7 @@ use crate::envelope::{self, Record};
 use crate::error::{Error, Result};
 use crate::keys::{validate_key, KeyFormat};
 use crate::locks::{Acquire, Grant, GrantCallback, LockToken, OwnerId};
+use crate::watch::{WatchOptions, Watcher};
 use crate::{
     Change, CommitCallback, CommitOptions, LockMode, LockedEntry, MapOptions, MapStats, NextKey,
 };
@@ -126,6 +127,7 @@ impl Handle {
         for table in self.core.all_tables() {
             locks::release_owner(&self.core, &table, self.owner);
         }
+        self.core.replica.watchers.close_owner(self.owner);
         let last = match &self.slot {
             None => true,
             Some(slot) => {
@@ -672,8 +674,26 @@ impl ClusterMap {
             batches: commits.batches.load(Ordering::Relaxed),
             failed_batches: commits.failed_batches.load(Ordering::Relaxed),
             largest_batch: commits.largest_batch.load(Ordering::Relaxed),
+            watchers: core.replica.watchers.count(&self.table.name) as u64,
             ..MapStats::default()
         })
+    }
+
+    // ---- watches ----
+
+    /// Starts a watch of this map: every change the replica's watch brings from now on, from
+    /// every process, in revision order (this process's commits when their event arrives). A
+    /// commit this process already heard of (one that resolved before this call) is skipped.
+    /// Closing this handle ends it; a reload of the replica after a compaction fails it.
+    pub fn watch(&self, options: &WatchOptions) -> Result<Watcher> {
+        self.db.check_open()?;
+        let replica = &self.core().replica;
+        let watcher = replica
+            .watchers
+            .watch(&self.table.name, self.owner(), options, || replica.seen())?;
+        // A close that ran meanwhile may have ended this handle's watches before this one.
+        self.db.check_open()?;
+        Ok(watcher)
     }
 
     /// The replica's revision and lag (shared by every map of the core).

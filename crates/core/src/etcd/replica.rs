@@ -17,7 +17,8 @@ use std::time::Duration;
 use etcd_client::{EventType, WatchOptions};
 use tokio::sync::{oneshot, watch};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::watch::WatchHub;
 
 use super::client::Cluster;
 use super::layout::{prefix_end, Layout, Parsed};
@@ -30,6 +31,9 @@ pub(crate) type LockDeleted = (String, String, i64, i64);
 
 /// A change this process knows was committed: (table, key, record or None for a deletion).
 pub(crate) type Known<'a> = (&'a str, &'a str, Option<Arc<[u8]>>);
+
+/// A data event for the watches: (revision, table, key, record or None for a deletion).
+type Watched = (i64, String, String, Option<Arc<[u8]>>);
 
 /// One map as of a revision: (name, codec, entries).
 pub type NamedSnapshot = (String, String, Snapshot);
@@ -104,6 +108,9 @@ pub(crate) struct Replica {
     /// How many lock waits were registered so far (for tests).
     lock_waits: watch::Sender<u64>,
     closed: watch::Sender<bool>,
+    /// The watches of this prefix's maps: each watch answer's changes are published to them,
+    /// one revision (one etcd transaction) per run.
+    pub(crate) watchers: Arc<WatchHub>,
 }
 
 impl Replica {
@@ -118,6 +125,7 @@ impl Replica {
             paused: watch::channel(false).0,
             lock_waits: watch::channel(0).0,
             closed: watch::channel(false).0,
+            watchers: Arc::default(),
         }
     }
 
@@ -134,7 +142,13 @@ impl Replica {
     }
 
     pub fn saw_revision(&self, revision: i64) {
-        self.seen.fetch_max(revision, Ordering::Relaxed);
+        // SeqCst: a watch that begins reads it after it counts (see `WatchHub::watch`).
+        self.seen.fetch_max(revision, Ordering::SeqCst);
+    }
+
+    /// The newest revision seen in any answer from the cluster.
+    pub fn seen(&self) -> i64 {
+        self.seen.load(Ordering::SeqCst)
     }
 
     pub fn get(&self, table: &str, key: &str) -> Option<Arc<[u8]>> {
@@ -219,6 +233,9 @@ impl Replica {
     /// Applies one watch answer; returns the lock keys it saw deleted.
     fn apply_events(&self, events: &[etcd_client::Event]) -> Vec<LockDeleted> {
         let mut deleted = Vec::new();
+        // Every data event of the answer, for the watches.
+        let mut changes: Vec<Watched> = Vec::new();
+        let watched = self.watchers.is_watched();
         let mut state = self.write();
         for event in events {
             let Some(kv) = event.kv() else { continue };
@@ -227,10 +244,15 @@ impl Replica {
             match self.layout.parse(kv.key()) {
                 Parsed::Data { table, key } => {
                     let id = (table, key);
+                    let value: Option<Arc<[u8]>> = put.then(|| Arc::from(kv.value()));
+                    if watched {
+                        // Also this process's own commits, applied ahead: watches hear them now,
+                        // in revision order.
+                        changes.push((revision, id.0.clone(), id.1.clone(), value.clone()));
+                    }
                     if state.ahead.get(&id).is_some_and(|&at| revision <= at) {
                         continue;
                     }
-                    let value = put.then(|| Arc::from(kv.value()));
                     state.set(&id.0, &id.1, value);
                 }
                 Parsed::Lock { table, key, lease } => {
@@ -253,6 +275,15 @@ impl Replica {
         }
         drop(state);
         self.saw_revision(now);
+        // One run per revision (one etcd transaction), before the waits wake: a sync() that
+        // returns has every watch told.
+        for run in changes.chunk_by(|a, b| a.0 == b.0) {
+            self.watchers.publish(
+                run[0].0,
+                run.iter()
+                    .map(|(_, table, key, record)| (table.as_str(), key.as_str(), record.as_ref())),
+            );
+        }
         deleted
     }
 
@@ -336,6 +367,16 @@ impl Replica {
             if reload {
                 match self.load(&cluster).await {
                     Ok(()) => {
+                        // What changed between the compacted revision and now cannot be
+                        // replayed: the watches end rather than skip it silently.
+                        self.watchers.fail_all(&Error::WatchOverflow {
+                            message: concat!(
+                                "the watch missed changes: the store's replica fell behind a ",
+                                "compacted etcd revision and read the prefix again; read the ",
+                                "map again and watch anew"
+                            )
+                            .into(),
+                        });
                         self.reloads.fetch_add(1, Ordering::Relaxed);
                         self.wake();
                         reload = false;

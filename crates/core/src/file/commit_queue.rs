@@ -17,6 +17,7 @@ use crate::error::{from_redb, Error, Result};
 use crate::file::storage::{StoreFile, TableState, META_TABLE};
 use crate::locks::LockToken;
 use crate::map::{Change, CommitCallback};
+use crate::watch::WatchHub;
 
 /// Most commits that share one transaction; bounds the latency of the first in a batch.
 const MAX_BATCH: usize = 8192;
@@ -123,6 +124,8 @@ pub(crate) struct CommitQueue {
     /// Set once shutdown is requested: no more inline writes.
     stopping: Arc<AtomicBool>,
     pub stats: Arc<CommitStats>,
+    /// The watches of this file's maps: the writer publishes each written batch to them.
+    pub watchers: Arc<WatchHub>,
 }
 
 impl CommitQueue {
@@ -132,9 +135,11 @@ impl CommitQueue {
         let (tx, rx) = mpsc::channel();
         let id = NEXT_QUEUE.fetch_add(1, Ordering::Relaxed);
         let stats = Arc::new(CommitStats::default());
+        let watchers = Arc::new(WatchHub::default());
         let writer = Arc::new(Mutex::new(Writer {
             file,
             stats: stats.clone(),
+            watchers: watchers.clone(),
             unsynced_since: None,
             sync_interval,
             broken: false,
@@ -151,6 +156,7 @@ impl CommitQueue {
             writer,
             stopping: Arc::new(AtomicBool::new(false)),
             stats,
+            watchers,
         })
     }
 
@@ -232,6 +238,7 @@ impl CommitQueue {
 struct Writer {
     file: Arc<StoreFile>,
     stats: Arc<CommitStats>,
+    watchers: Arc<WatchHub>,
     /// When the first non-durable transaction since the last durable one was written.
     unsynced_since: Option<Instant>,
     sync_interval: Duration,
@@ -486,6 +493,9 @@ impl Writer {
                     .fetch_max(commits, Ordering::Relaxed);
                 let (barriers, jobs): (Vec<Job>, Vec<Job>) =
                     jobs.into_iter().partition(|j| matches!(j, Job::Barrier(_)));
+                // Watchers hear the batch before any of its callers: a watch begun after a
+                // commit resolved never reports it.
+                publish(&self.watchers, &jobs);
                 let mut carry: Vec<Job> = jobs.into_iter().filter_map(settle_success).collect();
                 if carry.is_empty() {
                     for barrier in barriers {
@@ -598,6 +608,33 @@ fn push_job(jobs: &mut Vec<Job>, job: Job) {
         Job::Wake => {}
         one => jobs.push(one),
     }
+}
+
+/// Hands a written batch (one transaction) to the file's watchers as one run, in commit order;
+/// nothing but one atomic load when nobody watches. The cache gets the batch first, so a watcher
+/// that reads an entry it heard of reads at least that (settling applies it again, harmlessly).
+fn publish(watchers: &WatchHub, jobs: &[Job]) {
+    if !watchers.is_watched() {
+        return;
+    }
+    let changes: Vec<_> = jobs.iter().flat_map(Job::changes).collect();
+    for (table, key, change) in &changes {
+        let record = match change {
+            Change::Put(record) => Some(record.clone()),
+            Change::Delete => None,
+        };
+        table.cache.apply([(*key, record)]);
+    }
+    watchers.publish(
+        0,
+        changes.iter().map(|(table, key, change)| {
+            let record = match change {
+                Change::Put(record) => Some(record),
+                Change::Delete => None,
+            };
+            (table.name.as_str(), *key, record)
+        }),
+    );
 }
 
 /// After a durable write: cache, then locks, then the caller.

@@ -24,6 +24,7 @@ use crate::map::{
 };
 use crate::range::{EntryRange, RangeOptions};
 use crate::sequence::{NumberCallback, Take};
+use crate::watch::{WatchOptions, Watcher};
 
 static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
 struct Handle {
@@ -54,6 +55,7 @@ impl Handle {
         }
         // Commits already submitted by this handle land before its locks are let go.
         self.shared.barrier();
+        self.shared.queue.watchers.close_owner(self.owner);
         for table in self.shared.tables() {
             table.locks.release_owner(self.owner);
         }
@@ -800,7 +802,25 @@ impl MapStore {
             unsynced_batches: commits.unsynced_batches.load(Ordering::Relaxed),
             replica_revision: None,
             replica_lag: None,
+            watchers: shared.queue.watchers.count(&self.table.name) as u64,
         })
+    }
+
+    // ---- watches ----
+
+    /// Starts a watch of this map's commits from now on, from every handle and thread of the
+    /// process, in commit order (see [`crate::MapStore::watch`]). Closing this handle ends it.
+    pub fn watch(&self, options: &WatchOptions) -> Result<Watcher> {
+        self.check_open()?;
+        let watcher = self.shared().queue.watchers.watch(
+            &self.table.name,
+            self.handle.owner,
+            options,
+            || i64::MIN,
+        )?;
+        // A close that ran meanwhile may have ended this handle's watches before this one.
+        self.check_open()?;
+        Ok(watcher)
     }
 
     // ---- the blocking API for Rust callers ----
