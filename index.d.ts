@@ -195,3 +195,6 @@ export interface NativeWatchOptions {
   prefix?: string
   highWaterMark?: number
 }
+
+/** As `NativeDatabase.open`, off the event loop (for clusters). */
+export declare function openDatabase(path: string, options: NativeOpenOptions): Promise<NativeDatabase>

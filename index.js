@@ -841,3 +841,4 @@ module.exports.NativeRange = nativeBinding.NativeRange
 module.exports.NativeWatcher = nativeBinding.NativeWatcher
 module.exports.checkIntegrity = nativeBinding.checkIntegrity
 module.exports.errorCodes = nativeBinding.errorCodes
+module.exports.openDatabase = nativeBinding.openDatabase

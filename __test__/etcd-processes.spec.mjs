@@ -228,3 +228,19 @@ test('refused before anything is written: a malformed URL, durability none, read
   t.true(stats.replicaRevision > 0, 'stats() carries the replica revision')
   t.true(stats.replicaLag >= 0)
 })
+
+// Serial: other tests' calls must not block the loop meanwhile (closing a store whose cluster is down
+// still waits on this thread, see README).
+test.serial('opening a cluster that does not answer does not stall the event loop', async (t) => {
+  let ticks = 0
+  let opening = true
+  const tick = () => {
+    ticks++
+    if (opening) setImmediate(tick)
+  }
+  setImmediate(tick)
+  const err = await t.throwsAsync(kv.Database.open('etcd://127.0.0.1:1/nobody', { requestTimeoutMs: 1000 }), { instanceOf: kv.UnavailableError })
+  opening = false
+  t.regex(err.message, /within 1s/)
+  t.true(ticks > 1, `the loop kept turning while the open waited (${ticks} turns)`)
+})

@@ -74,42 +74,86 @@ pub struct NativeOpenOptions {
     pub tls_key: Option<Buffer>,
 }
 
-/// Opens a file, or connects to a cluster when `location` is an `etcd://` or `etcds://` URL.
-fn open_store(location: &str, options: NativeOpenOptions) -> kvstore_core::Result<Database> {
-    let ms = |ms: f64| std::time::Duration::from_secs_f64(ms / 1000.0);
-    if Database::is_cluster_url(location) {
-        let defaults = ClusterOptions::default();
-        let pem = |b: Option<Buffer>| b.map(|b| b.to_vec());
-        let tls = (options.tls_ca.is_some() || options.tls_cert.is_some()).then(|| ClusterTls {
-            ca: pem(options.tls_ca),
-            cert: pem(options.tls_cert),
-            key: pem(options.tls_key),
-        });
-        return Database::open_cluster(
+/// Where and how to open, decided on the JS thread (the options hold JS buffers); the open
+/// itself may then run on another thread.
+enum OpenPlan {
+    File(String, DatabaseOptions),
+    Cluster(String, ClusterOptions),
+}
+
+impl OpenPlan {
+    /// A file, or a cluster when `location` is an `etcd://` or `etcds://` URL.
+    fn new(location: String, options: NativeOpenOptions) -> OpenPlan {
+        let ms = |ms: f64| std::time::Duration::from_secs_f64(ms / 1000.0);
+        if Database::is_cluster_url(&location) {
+            let defaults = ClusterOptions::default();
+            let pem = |b: Option<Buffer>| b.map(|b| b.to_vec());
+            let tls =
+                (options.tls_ca.is_some() || options.tls_cert.is_some()).then(|| ClusterTls {
+                    ca: pem(options.tls_ca),
+                    cert: pem(options.tls_cert),
+                    key: pem(options.tls_key),
+                });
+            return OpenPlan::Cluster(
+                location,
+                ClusterOptions {
+                    session_ttl: options.session_ttl_ms.map_or(defaults.session_ttl, ms),
+                    request_timeout: options
+                        .request_timeout_ms
+                        .map_or(defaults.request_timeout, ms),
+                    auth: options.username.zip(options.password),
+                    tls,
+                },
+            );
+        }
+        let defaults = DatabaseOptions::default();
+        OpenPlan::File(
             location,
-            ClusterOptions {
-                session_ttl: options.session_ttl_ms.map_or(defaults.session_ttl, ms),
-                request_timeout: options
-                    .request_timeout_ms
-                    .map_or(defaults.request_timeout, ms),
-                auth: options.username.zip(options.password),
-                tls,
+            DatabaseOptions {
+                page_cache_bytes: options
+                    .page_cache_bytes
+                    .map_or(defaults.page_cache_bytes, |b| b as usize),
+                durable: options.durable.unwrap_or(defaults.durable),
+                sync_interval: options.sync_interval_ms.map_or(defaults.sync_interval, ms),
+                backend: None,
+                read_only: options.read_only.unwrap_or(false),
             },
-        );
+        )
     }
-    let defaults = DatabaseOptions::default();
-    Database::open(
-        location,
-        DatabaseOptions {
-            page_cache_bytes: options
-                .page_cache_bytes
-                .map_or(defaults.page_cache_bytes, |b| b as usize),
-            durable: options.durable.unwrap_or(defaults.durable),
-            sync_interval: options.sync_interval_ms.map_or(defaults.sync_interval, ms),
-            backend: None,
-            read_only: options.read_only.unwrap_or(false),
-        },
-    )
+
+    fn open(self) -> kvstore_core::Result<Database> {
+        match self {
+            OpenPlan::File(path, options) => Database::open(&path, options),
+            OpenPlan::Cluster(url, options) => Database::open_cluster(&url, options),
+        }
+    }
+}
+
+/// Opens on a thread of libuv's pool: connecting to a cluster and loading its replica takes
+/// round trips (seconds when the cluster is down), which must not stall the event loop.
+pub struct OpenTask(Option<OpenPlan>);
+
+impl Task for OpenTask {
+    type Output = Database;
+    type JsValue = NativeDatabase;
+
+    fn compute(&mut self) -> Result<Database> {
+        let plan = self
+            .0
+            .take()
+            .ok_or_else(|| Error::from_reason("the open ran twice"))?;
+        plan.open().or_js()
+    }
+
+    fn resolve(&mut self, env: Env, db: Database) -> Result<NativeDatabase> {
+        NativeDatabase::attach(&env, db)
+    }
+}
+
+/// As `NativeDatabase.open`, off the event loop (for clusters).
+#[napi(ts_return_type = "Promise<NativeDatabase>")]
+pub fn open_database(path: String, options: NativeOpenOptions) -> AsyncTask<OpenTask> {
+    AsyncTask::new(OpenTask(Some(OpenPlan::new(path, options))))
 }
 
 #[napi(object)]
@@ -150,8 +194,16 @@ impl NativeDatabase {
     /// when this thread's environment goes away (a terminated worker), releasing its locks.
     #[napi(catch_unwind, factory)]
     pub fn open(env: Env, path: String, options: NativeOpenOptions) -> Result<NativeDatabase> {
-        let db = open_store(&path, options).or_js()?;
-        let mailbox = Mailbox::new(&env)?;
+        let db = OpenPlan::new(path, options).open().or_js()?;
+        NativeDatabase::attach(&env, db)
+    }
+}
+
+impl NativeDatabase {
+    /// The handle of an opened store, on this thread: its mailbox, and its closing when this
+    /// thread's environment goes away.
+    fn attach(env: &Env, db: Database) -> Result<NativeDatabase> {
+        let mailbox = Mailbox::new(env)?;
         let cleanup = env.add_env_cleanup_hook(db.clone(), |db| db.close())?;
         Ok(NativeDatabase {
             db,
@@ -160,7 +212,10 @@ impl NativeDatabase {
             cleanup: Some(cleanup),
         })
     }
+}
 
+#[napi]
+impl NativeDatabase {
     #[napi(catch_unwind)]
     pub fn map_store(&self, name: String, options: NativeMapOptions) -> Result<NativeMapStore> {
         let defaults = MapOptions::default();

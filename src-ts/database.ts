@@ -5,7 +5,7 @@ import { native, settled, StoreClosedError } from './errors'
 import { silentLogger, type Logger } from './logger'
 import { MapStore } from './map-store'
 import { binding, type NativeDatabase } from './native'
-import { checkDatabaseOptions, checkLogger, checkMapOptions, checkPath, checkTableName, checkTimeout, type DatabaseOptions, type MapStoreOptions } from './options'
+import { checkDatabaseOptions, checkLogger, checkMapOptions, checkPath, checkTableName, checkTimeout, isClusterUrl, type DatabaseOptions, type MapStoreOptions } from './options'
 
 export class Database {
   readonly #native: NativeDatabase
@@ -29,15 +29,22 @@ export class Database {
    * Opens (creating if needed) a store file. Opening a file that is already open in this
    * process, from any thread, shares its core; another process holding it → DatabaseLockedError.
    */
-  static async open(path: string, options: DatabaseOptions = {}): Promise<Database> {
-    return Database.openSync(path, options)
+  static async open(path: string, options: DatabaseOptions = {}, onClose?: () => void): Promise<Database> {
+    if (!isClusterUrl(path)) return Database.openSync(path, options, onClose)
+    // Connecting and loading the replica take round trips: off the event loop.
+    checkPath('path', path)
+    const nativeOptions = checkDatabaseOptions(options, path)
+    return Database.#attach(await settled(native(() => binding.openDatabase(path, nativeOptions))), options, onClose)
   }
 
-  /** @internal */
+  /** @internal A file store, opened on this thread (a cluster takes `open`). */
   static openSync(path: string, options: DatabaseOptions = {}, onClose?: () => void): Database {
     checkPath('path', path)
     const nativeOptions = checkDatabaseOptions(options, path)
-    const handle = native(() => binding.NativeDatabase.open(path, nativeOptions))
+    return Database.#attach(native(() => binding.NativeDatabase.open(path, nativeOptions)), options, onClose)
+  }
+
+  static #attach(handle: NativeDatabase, options: DatabaseOptions, onClose?: () => void): Database {
     const repairMs = handle.repairMs
     if (repairMs !== null && repairMs !== undefined) {
       options.logger?.warn(`kvstore: '${handle.path}' was not closed cleanly; redb repaired it in ${repairMs.toFixed(1)} ms`)

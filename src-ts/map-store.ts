@@ -129,13 +129,19 @@ export class MapStore<T = unknown> {
 
   /** Opens one named map (`options.table`, default 'default') of a store file. */
   static async open<T = unknown>(path: string, options: OpenOptions<T> = {}): Promise<MapStore<T>> {
-    return MapStore.#openSync(path, options)
+    checkObject('options', options)
+    const { table = 'default', ...rest } = options
+    return MapStore.#onlyMap(await Database.open(path, rest), table, rest)
   }
 
   static #openSync<T>(path: string, options: OpenOptions<T>, onClose?: () => void): MapStore<T> {
     checkObject('options', options)
     const { table = 'default', ...rest } = options
-    const database = Database.openSync(path, rest, onClose)
+    return MapStore.#onlyMap(Database.openSync(path, rest, onClose), table, rest)
+  }
+
+  /** The map `table` of a database opened for it alone: closing the map closes the database. */
+  static #onlyMap<T>(database: Database, table: string, rest: Omit<OpenOptions<T>, 'table'>): MapStore<T> {
     try {
       const store = database.mapStore<T>(table, rest)
       store.#parts.ownsDatabase = true
