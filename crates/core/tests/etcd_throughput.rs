@@ -16,21 +16,27 @@ const EACH: usize = 50;
 
 fn run(name: &str, work: impl Fn(usize, usize) + Sync) {
     let started = Instant::now();
+    let slowest = std::sync::Mutex::new(Duration::ZERO);
     std::thread::scope(|s| {
         for t in 0..TASKS {
-            let work = &work;
+            let (work, slowest) = (&work, &slowest);
             s.spawn(move || {
                 for i in 0..EACH {
+                    let op = Instant::now();
                     work(t, i);
+                    let took = op.elapsed();
+                    let mut slowest = slowest.lock().unwrap();
+                    *slowest = (*slowest).max(took);
                 }
             });
         }
     });
     let elapsed = started.elapsed();
     eprintln!(
-        "{name}: {} ops in {elapsed:?} = {:.0}/s",
+        "{name}: {} ops in {elapsed:?} = {:.0}/s (slowest op {:?})",
         TASKS * EACH,
-        (TASKS * EACH) as f64 / elapsed.as_secs_f64()
+        (TASKS * EACH) as f64 / elapsed.as_secs_f64(),
+        slowest.into_inner().unwrap()
     );
 }
 
