@@ -107,12 +107,13 @@ impl Database {
 #[cfg(feature = "etcd")]
 mod cluster {
     use std::collections::HashSet;
+    use std::sync::mpsc;
 
     use super::{another_store, CommitItem};
     use crate::error::{Error, Result};
     use crate::etcd::{ClusterCommit, ClusterMap};
     use crate::map::{Change, CommitCallback, CommitOptions};
-    use crate::store::{Database, EntryGuard, Storage};
+    use crate::store::{Database, EntryGuard, MapStore, Storage};
 
     /// One nested etcd transaction: the fences of every lock, then every write
     /// ([`ClusterCommit::join`]). Locks of another core are refused when it is submitted
@@ -188,13 +189,50 @@ mod cluster {
     }
 
     pub(super) fn commit_guards(
-        _db: &Database,
+        db: &Database,
         items: Vec<(&mut EntryGuard, Change)>,
-        _options: CommitOptions,
+        options: CommitOptions,
     ) -> Result<()> {
-        let key = items.first().map_or("", |(g, _)| g.key()).to_string();
-        Err(Error::invalid(format!(
-            "commit_guards of a cluster store is not built yet ('{key}'): use commit_group"
-        )))
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::invalid(
+                "cannot commit and wait on a thread of the etcd backend's runtime (inside a \
+                 callback): use commit_group",
+            ));
+        }
+        let mut parts = Vec::with_capacity(items.len());
+        let mut written = Vec::with_capacity(items.len());
+        let mut guards = Vec::with_capacity(items.len());
+        for (guard, change) in items {
+            let key = guard.key().to_string();
+            let token = guard.token();
+            let Storage::Cluster(inner) = &mut guard.0 else {
+                return Err(another_store(&key));
+            };
+            let Some(map) = inner.map_if_held() else {
+                return Err(Error::invalid(format!(
+                    "the lock on '{key}' is not held (committed or released): nothing was written"
+                )));
+            };
+            written.push(match &change {
+                Change::Put(record) => Some(record.clone()),
+                Change::Delete => None,
+            });
+            parts.push((MapStore(Storage::Cluster(map.clone())), key, token, change));
+            guards.push(inner);
+        }
+        let (tx, rx) = mpsc::channel();
+        let outcome = db
+            .commit_group(
+                parts,
+                options,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            )
+            .and_then(|()| rx.recv().map_err(|_| Error::StoreClosed)?);
+        for (guard, record) in guards.into_iter().zip(written) {
+            guard.group_committed(&outcome, options, record);
+        }
+        outcome
     }
 }

@@ -377,7 +377,10 @@ async fn write_batch(core: &Arc<Core>, stats: &CommitStats, batch: Vec<ClusterCo
             }
             Ok(())
         } else {
-            for w in &commit.writes {
+            // One write's broken fence is its lock, lost. Of a joined commit's, which broke is not
+            // known here: the others' lock keys are still held and must not be forgotten (nobody
+            // would delete them); the replica's watch reports the keys that are gone.
+            if let [w] = commit.writes.as_slice() {
                 w.table
                     .locks
                     .etcd_key_deleted(&w.key, w.etcd.lease, i64::MAX);

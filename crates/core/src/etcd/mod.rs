@@ -886,6 +886,35 @@ impl ClusterGuard {
             let _ = self.map.release(&self.key, self.locked.token);
         }
     }
+
+    /// The map the lock was taken through, and whether this guard still has it (for a commit of
+    /// several guards, `crate::Database::commit_guards`).
+    pub(crate) fn map_if_held(&self) -> Option<&ClusterMap> {
+        self.held.then_some(&self.map)
+    }
+
+    /// After a commit of several guards: as [`ClusterGuard::commit_with`] leaves the guard.
+    pub(crate) fn group_committed(
+        &mut self,
+        outcome: &Result<()>,
+        options: CommitOptions,
+        written: Option<Arc<[u8]>>,
+    ) {
+        self.held = match outcome {
+            Ok(()) => options.update_only,
+            // Kept by a refusal or by `hold_lock_on_failure`.
+            Err(_) => self
+                .map
+                .table
+                .locks
+                .local
+                .holds(&self.key, self.locked.token),
+        };
+        if outcome.is_ok() {
+            self.locked.existed = written.is_some();
+            self.locked.record = written;
+        }
+    }
 }
 
 impl Drop for ClusterGuard {
