@@ -259,6 +259,48 @@ forEachBackend(({ test, location }) => {
   })
 })
 
+// ---- file only ----
+
+test("durability 'none': multi-lock commits are written on the calling thread and survive a reopen", async (t) => {
+  const where = join(tempDir(t), 'none.redb')
+  const db = await kv.Database.open(where, { durability: 'none' })
+  const jobs = db.mapStore('jobs')
+  const paths = db.mapStore('paths')
+  const commits = []
+  for (let i = 0; i < 40; i++) {
+    const j = await jobs.createAndLockEntry(`j${i}`, { value: i })
+    const p = await paths.createAndLockEntry(`p${i}`, { value: i })
+    commits.push(db.commit([j, p]))
+  }
+  await Promise.all(commits)
+  t.is(jobs.count() + paths.count(), 80)
+  await db.close()
+  const again = await kv.Database.open(where)
+  t.is(again.mapStore('jobs').getEntry('j39').value, 39)
+  t.is(again.mapStore('paths').getEntry('p39').value, 39)
+  await again.close()
+})
+
+test('a lock taken through a closed view fails the commit with StoreClosedError; the others per holdLockOnFailure', async (t) => {
+  const { db, jobs } = await twoMaps(t, join(tempDir(t), 'views.redb'))
+  const view = db.mapStore('paths')
+  const j = await jobs.createAndLockEntry('j', { value: 1 })
+  const p = await view.createAndLockEntry('p', { value: 2 })
+  await view.close()
+  await t.throwsAsync(db.commit([j, p], { holdLockOnFailure: true }), { instanceOf: kv.StoreClosedError })
+  t.true(j.held, 'kept with holdLockOnFailure')
+  t.false(p.held, "the closed view's lock is released, as its own commit would")
+  const other = db.mapStore('paths')
+  const q = await other.createAndLockEntry('q', { value: 3 })
+  await other.close()
+  await t.throwsAsync(db.commit([j, q]), { instanceOf: kv.StoreClosedError })
+  t.false(j.held || q.held, 'released without holdLockOnFailure')
+  const p2 = await db.mapStore('paths').createAndLockEntry('p', { value: 3 })
+  await db.commit([p2])
+  t.is(db.mapStore('paths').getEntry('p').value, 3)
+  t.is(jobs.getEntry('j'), undefined)
+})
+
 // ---- etcd: a lost lock fails the whole commit ----
 
 test('etcd: a lost lock in the group fails it with LockLostError and neither entry is written', async (t) => {
