@@ -111,7 +111,7 @@ pub struct ClusterCommit {
 impl ClusterCommit {
     /// One commit of all of `commits`' writes: written in one nested transaction, all or none
     /// (`db.commit([a, b])`); each callback hears the joint outcome. A join that cannot be
-    /// written (locks of another store, more than [`MAX_COMMIT_WRITES`] entries, one entry
+    /// written (locks of another store, more than `MAX_COMMIT_WRITES` entries, one entry
     /// twice) fails every callback with InvalidArgument when submitted, nothing written and
     /// the locks still held.
     pub fn join(commits: Vec<ClusterCommit>) -> ClusterCommit {
