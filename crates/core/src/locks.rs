@@ -153,6 +153,7 @@ impl LockTable {
         self.state().keys.contains_key(key)
     }
 
+    #[cfg(feature = "etcd")]
     /// Whether anyone waits for `key`'s lock.
     pub fn has_waiters(&self, key: &str) -> bool {
         self.state()
