@@ -122,3 +122,110 @@ fn a_waiter_wakes_when_the_predecessor_key_is_deleted_and_put_again_while_it_is_
     waiter.join().unwrap();
     relock.join().unwrap();
 }
+
+/// Waits (bounded, as a failure guard) until `count` lock waits are queued on `map`.
+fn wait_for_waiters(map: &kvstore_core::etcd::ClusterMap, count: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while map.stats().unwrap().locks_waiting < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waiter never queued"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// A commit whose answer is lost after the cluster applied it (an unknown outcome): the next
+/// local waiter must not be handed the lock with the record from before it, and the old
+/// fence must not be reused.
+#[test]
+fn the_lock_after_a_commit_of_unknown_outcome_reads_what_the_cluster_holds() {
+    let cluster = EtcdCluster::start(1);
+    let db = open_other(&cluster, "doubt");
+    let map = db.map_store("m", &MapOptions::default()).unwrap();
+    map.lock("k", LockMode::Any, None)
+        .unwrap()
+        .commit(rec("v1"))
+        .unwrap();
+    // The replica hears nothing more by its watch: only what the lock layer reads itself.
+    db.pause_replica(true);
+    let held = map.lock("k", LockMode::Any, None).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let waiter_map = map.clone();
+    let waiter = std::thread::spawn(move || {
+        let g = waiter_map.lock("k", LockMode::Any, None).unwrap();
+        tx.send(g.record().map(<[u8]>::to_vec)).unwrap();
+        g.commit(rec("v3")).unwrap();
+    });
+    wait_for_waiters(&map, 1);
+
+    db.lose_commit_answers(1);
+    let err = held.commit(rec("v2")).unwrap_err();
+    assert_eq!(err.code(), kvstore_core::ErrorCode::Unavailable, "{err}");
+    let seen = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        seen.as_deref(),
+        Some(rec("v2").as_slice()),
+        "the next holder read the record from before the commit of unknown outcome"
+    );
+    waiter.join().unwrap();
+    db.pause_replica(false);
+    db.sync().unwrap();
+    assert_eq!(map.get("k").unwrap().as_deref(), Some(rec("v3").as_slice()));
+}
+
+/// The holder that keeps its lock after an unknown outcome (`hold_lock_on_failure`) commits
+/// again under it; the lock is renewed only for the next holder.
+#[test]
+fn a_holder_kept_after_an_unknown_outcome_commits_again() {
+    let cluster = EtcdCluster::start(1);
+    let db = open_other(&cluster, "doubt-hold");
+    let map = db.map_store("m", &MapOptions::default()).unwrap();
+    let mut held = map.lock("k", LockMode::Any, None).unwrap();
+    let keep = kvstore_core::CommitOptions {
+        hold_lock_on_failure: true,
+        ..Default::default()
+    };
+    db.lose_commit_answers(1);
+    assert!(held.commit_with(rec("v1"), keep).is_err());
+    held.commit_with(rec("v2"), keep).unwrap();
+    // Released: the next lock (another process's, then this one's) sees v2.
+    let other = open_other(&cluster, "doubt-hold");
+    let other_map = other.map_store("m", &MapOptions::default()).unwrap();
+    let g = other_map.lock("k", LockMode::Any, None).unwrap();
+    assert_eq!(g.record(), Some(rec("v2").as_slice()));
+    g.commit(rec("v3")).unwrap();
+    let g = map.lock("k", LockMode::Any, None).unwrap();
+    assert_eq!(g.record(), Some(rec("v3").as_slice()));
+    g.release();
+}
+
+/// A commit callback that panics does not take the committer down: later commits are written.
+#[test]
+fn a_panicking_commit_callback_does_not_stop_later_commits() {
+    let cluster = EtcdCluster::start(1);
+    let db = open_other(&cluster, "panics");
+    let map = db.map_store("m", &MapOptions::default()).unwrap();
+    let g = map.lock("a", LockMode::Any, None).unwrap();
+    let commit = map
+        .prepare_commit(
+            "a",
+            g.token(),
+            kvstore_core::Change::Put(rec("x").into()),
+            Default::default(),
+            Box::new(|_| panic!("a caller's callback panics")),
+        )
+        .unwrap();
+    std::mem::forget(g);
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    db.submit(vec![commit]);
+    // The next commit of the same key waits for the first to settle: both get written.
+    let g = map
+        .lock("a", LockMode::Any, Some(Duration::from_secs(30)))
+        .unwrap();
+    std::panic::set_hook(quiet);
+    assert_eq!(g.record(), Some(rec("x").as_slice()));
+    g.commit(rec("y")).unwrap();
+    assert_eq!(map.get("a").unwrap().as_deref(), Some(rec("y").as_slice()));
+}

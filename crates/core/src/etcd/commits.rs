@@ -39,6 +39,9 @@ pub(crate) struct CommitStats {
     pub batches: AtomicU64,
     pub failed_batches: AtomicU64,
     pub largest_batch: AtomicU64,
+    /// Test hook: batches still to be written whose answer is then dropped, as if it timed
+    /// out after the cluster applied it.
+    pub lose_answers: AtomicU64,
 }
 
 /// Commits of one handle still on their way; its close waits for them.
@@ -53,7 +56,7 @@ impl InFlight {
         *self.count.lock().unwrap_or_else(|p| p.into_inner()) += n;
     }
 
-    fn finish(&self) {
+    pub fn finish(&self) {
         let mut count = self.count.lock().unwrap_or_else(|p| p.into_inner());
         *count = count.saturating_sub(1);
         if *count == 0 {
@@ -284,28 +287,65 @@ async fn run(
         }
         later.extend(deferred.drain(..));
         deferred = later;
-        for commit in batch.iter_mut() {
-            for w in commit.writes.iter_mut() {
-                w.fold_release = w.release && !w.table.locks.local.has_waiters(&w.key);
-            }
-        }
         let Some(core) = core.upgrade() else {
             for c in batch.into_iter().chain(deferred.drain(..)) {
                 fail_closed(c);
             }
             return;
         };
+        // A commit whose lock went meanwhile (its handle closed and handed the key on) must
+        // not write under the fence the next holder now uses.
+        let (batch, released): (Vec<_>, Vec<_>) = batch.into_iter().partition(|c| {
+            c.writes
+                .iter()
+                .all(|w| w.table.locks.local.holds(&w.key, w.token))
+        });
+        for commit in released {
+            fail_released(commit);
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let mut batch = batch;
+        for commit in batch.iter_mut() {
+            for w in commit.writes.iter_mut() {
+                // Not for a holder that keeps its lock on failure: after an unknown outcome
+                // its lock key must still be there for the retry.
+                w.fold_release =
+                    w.release && !w.hold_on_failure && !w.table.locks.local.has_waiters(&w.key);
+            }
+        }
         write_batch(&core, &stats, batch).await;
     }
 }
 
 fn fail_closed(commit: ClusterCommit) {
     for done in commit.done {
-        done(Err(Error::StoreClosed));
+        tell(done, Err(Error::StoreClosed));
     }
     if let Some(in_flight) = commit.in_flight {
         in_flight.finish();
     }
+}
+
+/// A commit whose lock is no longer its own: nothing written, nothing released.
+fn fail_released(commit: ClusterCommit) {
+    let key = commit
+        .writes
+        .iter()
+        .find(|w| !w.table.locks.local.holds(&w.key, w.token))
+        .map_or_else(String::new, |w| w.key.clone());
+    for done in commit.done {
+        tell(done, Err(Error::LockReleased { key: key.clone() }));
+    }
+    if let Some(in_flight) = commit.in_flight {
+        in_flight.finish();
+    }
+}
+
+/// Hands a caller its outcome; a callback that panics does not take the committer down.
+fn tell(done: CommitCallback, outcome: Result<()>) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(outcome)));
 }
 
 async fn write_batch(core: &Arc<Core>, stats: &CommitStats, batch: Vec<ClusterCommit>) {
@@ -332,6 +372,16 @@ async fn write_batch(core: &Arc<Core>, stats: &CommitStats, batch: Vec<ClusterCo
             async move { kv.txn(txn).await }
         })
         .await;
+    let lost = stats
+        .lose_answers
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    let written = match written {
+        Ok(_) if lost => Err(Error::Unavailable {
+            message: "the answer to the commit was lost (test hook)".into(),
+        }),
+        other => other,
+    };
     let answer = match written {
         Ok(answer) => answer,
         Err(Error::InvalidArgument(_)) if n > 1 => {
@@ -344,6 +394,11 @@ async fn write_batch(core: &Arc<Core>, stats: &CommitStats, batch: Vec<ClusterCo
         Err(err) => {
             stats.failed_batches.fetch_add(1, Ordering::Relaxed);
             for commit in batch {
+                // Sent and maybe applied (or applied later): the next holder must not get
+                // these locks, or read these records, before the keys are renewed.
+                for w in &commit.writes {
+                    w.table.locks.commit_in_doubt(&w.key, &w.etcd);
+                }
                 settle(core, commit, Err(err.clone()));
             }
             return;
@@ -411,7 +466,7 @@ fn settle(core: &Arc<Core>, commit: ClusterCommit, outcome: Result<()>) {
         }
     }
     for done in commit.done {
-        done(outcome.clone());
+        tell(done, outcome.clone());
     }
     if let Some(in_flight) = commit.in_flight {
         in_flight.finish();

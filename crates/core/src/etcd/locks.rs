@@ -37,6 +37,10 @@ pub(crate) struct EtcdKey {
     pub fence: i64,
     /// First in the key's etcd queue (held); false while still queued.
     pub owner: bool,
+    /// A commit under this key ended with an unknown outcome (sent, then no answer): the
+    /// replica may lack its write, and the request may still land. The key is deleted and
+    /// taken afresh (a new fence) before the lock is granted to anyone else.
+    pub doubtful: bool,
 }
 
 struct Pending {
@@ -60,6 +64,9 @@ struct State {
     keys: HashMap<String, KeyEntry>,
     /// (owner, ticket) of each pending waiter → its key.
     pending: HashMap<(OwnerId, u64), String>,
+    /// Waiters queued locally whose callback has not run yet, with the reason they were
+    /// cancelled while their local grant was on its way (so the cancel is not lost).
+    queued: HashMap<(OwnerId, u64), Option<Error>>,
 }
 
 pub(crate) struct KeyLocks {
@@ -95,6 +102,23 @@ impl KeyLocks {
         let state = self.state();
         let etcd = state.keys.get(key)?.etcd.as_ref()?;
         (etcd.owner && core.session.is_live(etcd.lease)).then(|| etcd.clone())
+    }
+
+    /// Whether the process's etcd lock of `key` may be handed to another local holder: held,
+    /// and not in doubt after a commit of unknown outcome.
+    fn grantable(&self, core: &Core, key: &str) -> bool {
+        self.held(core, key).is_some_and(|e| !e.doubtful)
+    }
+
+    /// A commit under `etcd` ended with an unknown outcome: rotate the key before the next
+    /// grant (see [`EtcdKey::doubtful`]). The current holder keeps its fence.
+    pub fn commit_in_doubt(&self, key: &str, etcd: &EtcdKey) {
+        let mut state = self.state();
+        if let Some(held) = state.keys.get_mut(key).and_then(|e| e.etcd.as_mut()) {
+            if held.lock_key == etcd.lock_key && held.fence == etcd.fence {
+                held.doubtful = true;
+            }
+        }
     }
 
     /// Whether `token` holds `key`, here and in etcd (as far as this process knows).
@@ -168,8 +192,11 @@ pub(crate) fn acquire(
 ) -> Result<Acquire> {
     let mut make = Some(make_waiter);
     let weak = Arc::downgrade(core);
+    // Registered before queueing (never under the local table's lock: the driver takes the
+    // two the other way round); dropped again when granted at once.
+    table.locks.state().queued.insert((owner, ticket), None);
     let outcome = table.locks.local.acquire(key, owner, ticket, || {
-        let notify = (make.take().expect("called once"))()?;
+        let notify = shielded((make.take().expect("called once"))()?);
         Ok(local_waiter(
             weak.clone(),
             table.clone(),
@@ -178,17 +205,24 @@ pub(crate) fn acquire(
             ticket,
             notify,
         ))
-    })?;
+    });
     let grant = match outcome {
-        Acquire::Queued => return Ok(Acquire::Queued),
-        Acquire::Granted(grant) => grant,
+        Ok(Acquire::Queued) => return Ok(Acquire::Queued),
+        Ok(Acquire::Granted(grant)) => {
+            table.locks.state().queued.remove(&(owner, ticket));
+            grant
+        }
+        Err(err) => {
+            table.locks.state().queued.remove(&(owner, ticket));
+            return Err(err);
+        }
     };
-    if table.locks.held(core, key).is_some() {
+    if table.locks.grantable(core, key) {
         // The etcd key is still ours (released a moment ago, not deleted yet): no round trip.
         return Ok(Acquire::Granted(grant));
     }
     let notify = match (make.take().expect("not used by a free key"))() {
-        Ok(notify) => notify,
+        Ok(notify) => shielded(notify),
         Err(err) => {
             let _ = release(core, table, key, grant.token, false);
             return Err(err);
@@ -208,6 +242,14 @@ pub(crate) fn acquire(
     Ok(Acquire::Queued)
 }
 
+/// A caller's callback that may panic without taking down the key's driver (which would leave
+/// the key stuck for every later waiter).
+fn shielded(notify: GrantCallback) -> GrantCallback {
+    Box::new(move |outcome| {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| notify(outcome)));
+    })
+}
+
 /// Wraps a local waiter's callback: a local grant becomes the caller's once the etcd lock is
 /// held (at once when the process holds it already).
 fn local_waiter(
@@ -220,6 +262,12 @@ fn local_waiter(
 ) -> GrantCallback {
     let key = key.to_string();
     Box::new(move |outcome| {
+        let cancelled = table
+            .locks
+            .state()
+            .queued
+            .remove(&(owner, ticket))
+            .flatten();
         let grant = match outcome {
             Ok(grant) => grant,
             Err(err) => return notify(Err(err)),
@@ -228,7 +276,12 @@ fn local_waiter(
             let _ = table.locks.local.release(&key, grant.token, false);
             return notify(Err(Error::StoreClosed));
         };
-        if table.locks.held(&core, &key).is_some() {
+        if let Some(reason) = cancelled {
+            // Cancelled (timeout, abort, close) while the grant was on its way.
+            let _ = release(&core, &table, &key, grant.token, false);
+            return notify(Err(reason));
+        }
+        if table.locks.grantable(&core, &key) {
             return notify(Ok(grant));
         }
         wait_for_etcd(
@@ -249,18 +302,28 @@ fn local_waiter(
 fn wait_for_etcd(core: &Arc<Core>, table: &Arc<TableState>, key: &str, pending: Pending) {
     let stale = {
         let mut state = table.locks.state();
-        state
-            .pending
-            .insert((pending.owner, pending.ticket), key.to_string());
         let entry = state.keys.entry(key.to_string()).or_default();
-        let stale = entry.pending.replace(pending);
+        // One local holder at a time: a pending grant already here is stale (its token was
+        // released, e.g. its handle closed) unless it still holds the key, and then the new
+        // one is.
+        let (keep, stale) = match entry.pending.take() {
+            Some(old) if table.locks.local.holds(key, old.grant.token) => (old, Some(pending)),
+            old => (pending, old),
+        };
+        let id = (keep.owner, keep.ticket);
+        entry.pending = Some(keep);
+        state.pending.insert(id, key.to_string());
         if let Some(stale) = &stale {
-            state.pending.remove(&(stale.owner, stale.ticket));
+            if (stale.owner, stale.ticket) != id {
+                state.pending.remove(&(stale.owner, stale.ticket));
+            }
         }
         stale
     };
-    // A pending grant is replaced only once its token was released (a closed handle).
     if let Some(stale) = stale {
+        if table.locks.local.holds(key, stale.grant.token) {
+            let _ = table.locks.local.release(key, stale.grant.token, false);
+        }
         (stale.notify)(Err(Error::StoreClosed));
     }
     poke(core, table, key);
@@ -304,7 +367,14 @@ pub(crate) fn cancel_wait(
     let found = {
         let mut state = table.locks.state();
         let Some(key) = state.pending.remove(&(owner, ticket)) else {
-            return false;
+            // Granted locally, its callback not run yet: it rejects with `reason` when it does.
+            return match state.queued.get_mut(&(owner, ticket)) {
+                Some(slot) => {
+                    slot.get_or_insert(reason);
+                    true
+                }
+                None => false,
+            };
         };
         let pending = state.keys.get_mut(&key).and_then(|e| e.pending.take());
         pending.map(|p| (key, p))
@@ -350,6 +420,8 @@ pub(crate) fn release_owner(core: &Arc<Core>, table: &Arc<TableState>, owner: Ow
 enum Step {
     Grant(Pending),
     Acquire(Arc<Notify>, Option<EtcdKey>),
+    /// Delete a key in doubt, to take it afresh for the pending holder.
+    Rotate(EtcdKey),
     Delete(EtcdKey),
 }
 
@@ -371,7 +443,9 @@ async fn drive(core: Arc<Core>, table: Arc<TableState>, key: String) {
             }
             let wanted = table.locks.local.is_locked(&key) && !core.is_closed();
             let held = entry.etcd.as_ref().is_some_and(|e| e.owner);
+            let doubtful = entry.etcd.as_ref().is_some_and(|e| e.doubtful);
             match (wanted, entry.pending.is_some()) {
+                (true, true) if doubtful => Step::Rotate(entry.etcd.clone().expect("checked")),
                 (true, true) if held => {
                     let pending = entry.pending.take().expect("checked");
                     state.pending.remove(&(pending.owner, pending.ticket));
@@ -433,23 +507,40 @@ async fn drive(core: Arc<Core>, table: Arc<TableState>, key: String) {
                     (pending.notify)(Err(err));
                 }
             }
-            Step::Delete(etcd) => {
-                let lock_key = etcd.lock_key.clone();
-                let deleted = core
-                    .cluster
-                    .call("releasing a lock", Effect::Unknown, || {
-                        let mut kv = core.cluster.kv.clone();
-                        let lock_key = lock_key.clone();
-                        async move { kv.delete(lock_key, None).await }
-                    })
-                    .await;
-                match deleted {
-                    Ok(answer) => {
-                        if let Some(h) = answer.header() {
-                            core.replica.saw_revision(h.revision());
+            Step::Rotate(etcd) => {
+                let failed = match delete_lock_key(&core, &etcd, "renewing a lock").await {
+                    Ok(()) => {
+                        let mut state = table.locks.state();
+                        let entry = state.keys.get_mut(&key).expect("a driven key has an entry");
+                        if entry
+                            .etcd
+                            .as_ref()
+                            .is_some_and(|e| e.lock_key == etcd.lock_key && e.fence == etcd.fence)
+                        {
+                            entry.etcd = None;
                         }
-                        pause = Duration::from_millis(50);
+                        None
                     }
+                    Err(err) => {
+                        let mut state = table.locks.state();
+                        let entry = state.keys.get_mut(&key).expect("a driven key has an entry");
+                        let pending = entry.pending.take();
+                        if let Some(p) = &pending {
+                            state.pending.remove(&(p.owner, p.ticket));
+                        }
+                        pending.map(|p| (p, err))
+                    }
+                };
+                if let Some((pending, err)) = failed {
+                    // The key stays in doubt; the next local waiter (if any) tries again.
+                    let _ = table.locks.local.release(&key, pending.grant.token, false);
+                    (pending.notify)(Err(err));
+                }
+            }
+            Step::Delete(etcd) => {
+                let deleted = delete_lock_key(&core, &etcd, "releasing a lock").await;
+                match deleted {
+                    Ok(()) => pause = Duration::from_millis(50),
                     Err(_) if core.session.is_live(etcd.lease) && !core.is_closed() => {
                         // The cluster is away: keep the key and try again later (unless the
                         // process wants the lock again meanwhile).
@@ -467,6 +558,23 @@ async fn drive(core: Arc<Core>, table: Arc<TableState>, key: String) {
             }
         }
     }
+}
+
+/// Deletes the process's lock key `etcd` (whatever its state); the replica learns the revision.
+async fn delete_lock_key(core: &Arc<Core>, etcd: &EtcdKey, what: &str) -> Result<()> {
+    let lock_key = etcd.lock_key.clone();
+    let answer = core
+        .cluster
+        .call(what, Effect::Unknown, || {
+            let mut kv = core.cluster.kv.clone();
+            let lock_key = lock_key.clone();
+            async move { kv.delete(lock_key, None).await }
+        })
+        .await?;
+    if let Some(h) = answer.header() {
+        core.replica.saw_revision(h.revision());
+    }
+    Ok(())
 }
 
 /// Whether the driver should go on waiting for the etcd lock.
@@ -507,6 +615,7 @@ async fn acquire_etcd(
             lock_key: lock_key.clone(),
             fence: mine.map_or(0, |q| q.fence),
             owner: false,
+            doubtful: false,
         };
         // Queue up (or find our place): put our key unless it exists; read the queue's head
         // and the entry in the same revision.
@@ -628,16 +737,10 @@ async fn abandon(
     core: &Arc<Core>,
     etcd: EtcdKey,
 ) -> std::result::Result<Option<EtcdKey>, (Error, Option<EtcdKey>)> {
-    let lock_key = etcd.lock_key.clone();
-    core.cluster
-        .call("leaving a lock queue", Effect::Unknown, || {
-            let mut kv = core.cluster.kv.clone();
-            let lock_key = lock_key.clone();
-            async move { kv.delete(lock_key, None).await }
-        })
-        .await
-        .map(|_| None)
-        .map_err(|e| (e, Some(etcd)))
+    match delete_lock_key(core, &etcd, "leaving a lock queue").await {
+        Ok(()) => Ok(None),
+        Err(err) => Err((err, Some(etcd))),
+    }
 }
 
 /// The key-values of each Get of a transaction's taken branch, in order.

@@ -278,6 +278,9 @@ impl ClusterDatabase {
     pub fn submit(&self, commits: Vec<ClusterCommit>) {
         let core = self.core();
         for mut commit in commits {
+            // Counted before the closed check: a close that has not seen this commit yet
+            // waits for it before releasing the locks it writes under.
+            self.handle.in_flight.start(1);
             let refused = if self.is_closed() {
                 // Closing released this handle's locks: its commits may no longer write.
                 Some(Error::StoreClosed)
@@ -293,9 +296,9 @@ impl ClusterDatabase {
                 for done in commit.done.drain(..) {
                     done(Err(err.clone()));
                 }
+                self.handle.in_flight.finish();
                 continue;
             }
-            self.handle.in_flight.start(1);
             commit.in_flight = Some(self.handle.in_flight.clone());
             core.commits.submit(core, commit);
         }
@@ -405,6 +408,16 @@ impl ClusterDatabase {
     #[doc(hidden)]
     pub fn pause_keep_alive(&self, paused: bool) {
         self.core().session.pause(paused);
+    }
+
+    /// Test hook: the next `count` commit transactions are applied by the cluster but their
+    /// answer is dropped (the callers hear UnavailableError: an unknown outcome).
+    #[doc(hidden)]
+    pub fn lose_commit_answers(&self, count: u64) {
+        self.core()
+            .stats
+            .lose_answers
+            .store(count, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Test hook: drop the replica's watch (it falls behind) or let it resume.
