@@ -99,6 +99,13 @@ pub(crate) fn classify(err: &etcd_client::Error) -> (Kind, String) {
             let lower = message.to_lowercase();
             let kind = if lower.contains("compacted") {
                 Kind::Compacted
+            } else if lower.contains("too many requests")
+                || lower.contains("too many active requests")
+            {
+                // etcd's rate limit ("etcdserver: too many requests", ResourceExhausted, when
+                // the applied index lags the committed one) and a full connection: later, or
+                // another member, answers.
+                Kind::Transient
             } else if lower.contains("request is too large")
                 || lower.contains("too many operations")
                 || lower.contains("message length too large")
@@ -121,7 +128,9 @@ pub(crate) fn classify(err: &etcd_client::Error) -> (Kind, String) {
                     | Code::Cancelled
                     | Code::Aborted => Kind::Transient,
                     Code::PermissionDenied | Code::Unauthenticated => Kind::Denied,
-                    Code::ResourceExhausted => Kind::TooLarge,
+                    // A size limit says so in its message (matched above); any other
+                    // exhausted resource (a rate limit, a quota of streams) passes.
+                    Code::ResourceExhausted => Kind::Transient,
                     Code::Unknown if lower.contains("transport") || lower.contains("connect") => {
                         Kind::Transient
                     }
@@ -340,5 +349,92 @@ impl Cluster {
                 _ => return Ok(revision),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{classify, map_error, Effect, Kind};
+    use crate::error::Error;
+    use tonic::{Code, Status};
+
+    fn kind(code: Code, message: &str) -> Kind {
+        classify(&etcd_client::Error::GRpcStatus(Status::new(code, message))).0
+    }
+
+    #[test]
+    fn a_rate_limit_is_transient_not_too_large() {
+        // etcd's ErrGRPCTooManyRequests.
+        let rate = Status::new(Code::ResourceExhausted, "etcdserver: too many requests");
+        let err = etcd_client::Error::GRpcStatus(rate);
+        assert_eq!(classify(&err).0, Kind::Transient);
+        let mapped = map_error(&err, "the commit", Effect::Unknown);
+        assert!(matches!(mapped, Error::Unavailable { .. }), "{mapped:?}");
+        assert!(mapped.to_string().contains("too many requests"), "{mapped}");
+        // tonic's load shedding of a full connection.
+        assert_eq!(
+            kind(
+                Code::ResourceExhausted,
+                "Too many active requests for the connection"
+            ),
+            Kind::Transient
+        );
+        // Any other exhausted resource without a size in its message.
+        assert_eq!(kind(Code::ResourceExhausted, "quota"), Kind::Transient);
+    }
+
+    #[test]
+    fn size_limits_space_and_the_rest_keep_their_kinds() {
+        for (code, message) in [
+            (Code::InvalidArgument, "etcdserver: request is too large"),
+            (
+                Code::InvalidArgument,
+                "etcdserver: too many operations in txn request",
+            ),
+            (
+                Code::ResourceExhausted,
+                "grpc: received message larger than max (2097152 vs. 1572864)",
+            ),
+            (
+                Code::ResourceExhausted,
+                "grpc: trying to send message larger than max (5 vs. 4)",
+            ),
+            (
+                Code::OutOfRange,
+                "Error, decoded message length too large: found 5 bytes, the limit is: 4 bytes",
+            ),
+        ] {
+            assert_eq!(kind(code, message), Kind::TooLarge, "{message}");
+        }
+        assert_eq!(
+            kind(
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded"
+            ),
+            Kind::NoSpace
+        );
+        assert_eq!(
+            kind(
+                Code::OutOfRange,
+                "etcdserver: mvcc: required revision has been compacted"
+            ),
+            Kind::Compacted
+        );
+        assert_eq!(
+            kind(Code::InvalidArgument, "etcdserver: permission denied"),
+            Kind::Denied
+        );
+        assert_eq!(
+            kind(Code::Unavailable, "etcdserver: leader changed"),
+            Kind::Transient
+        );
+        assert_eq!(
+            kind(Code::Unavailable, "etcdserver: no leader"),
+            Kind::Transient
+        );
+        assert_eq!(
+            kind(Code::NotFound, "etcdserver: requested lease not found"),
+            Kind::Other
+        );
     }
 }
