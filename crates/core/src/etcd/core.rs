@@ -298,14 +298,21 @@ impl Core {
     }
 
     /// Every map, read from the cluster at one revision.
+    ///
+    /// The prefix is read page by page at the revision of the first page; a compaction of that
+    /// revision meanwhile (a `compact()` racing the backup) breaks the later pages. Then the
+    /// whole read starts again at a new revision, and after [`PAGED_SNAPSHOT_TRIES`] such
+    /// failures the prefix is read in one request (one answer cannot be broken by a
+    /// compaction; it costs one large response instead of pages).
     pub async fn snapshot_all(&self) -> Result<(i64, Vec<NamedSnapshot>)> {
         let root = self.layout.root().as_bytes().to_vec();
-        let mut maps: HashMap<String, Snapshot> = HashMap::new();
-        let mut codecs: HashMap<String, String> = HashMap::new();
         let codec_prefix = self.layout.codec_prefix();
-        let revision = self
-            .cluster
-            .scan(&root, &prefix_end(&root), |kv| {
+        let mut tries = 0;
+        let (revision, mut maps, codecs) = loop {
+            tries += 1;
+            let mut maps: HashMap<String, Snapshot> = HashMap::new();
+            let mut codecs: HashMap<String, String> = HashMap::new();
+            let mut each = |kv: &etcd_client::KeyValue| {
                 if let Some(name) = kv.key().strip_prefix(codec_prefix.as_bytes()) {
                     codecs.insert(
                         unescape_table(&String::from_utf8_lossy(name)),
@@ -316,8 +323,22 @@ impl Core {
                         .or_default()
                         .insert(key, Arc::from(kv.value()));
                 }
-            })
-            .await?;
+            };
+            let read = if tries > PAGED_SNAPSHOT_TRIES {
+                self.read_whole_prefix(&mut each).await
+            } else {
+                self.cluster
+                    .scan(&root, &prefix_end(&root), &mut each)
+                    .await
+            };
+            match read {
+                Ok(revision) => break (revision, maps, codecs),
+                // The revision of the first page was compacted away: start again.
+                Err(Error::Unavailable { message })
+                    if tries <= PAGED_SNAPSHOT_TRIES && message.contains("compacted") => {}
+                Err(err) => return Err(err),
+            }
+        };
         let mut all: Vec<NamedSnapshot> = codecs
             .into_iter()
             .map(|(name, codec)| {
@@ -334,6 +355,25 @@ impl Core {
         Ok((revision, all))
     }
 
+    /// The whole prefix in one range request (one answer, at one revision); returns that
+    /// revision.
+    async fn read_whole_prefix(&self, mut each: impl FnMut(&etcd_client::KeyValue)) -> Result<i64> {
+        let root = self.layout.root().as_bytes().to_vec();
+        let answer = self
+            .cluster
+            .call("reading the prefix", Effect::Nothing, || {
+                let mut kv = self.cluster.kv.clone();
+                let options = GetOptions::new().with_range(prefix_end(&root));
+                let root = root.clone();
+                async move { kv.get(root, Some(options)).await }
+            })
+            .await?;
+        for kv in answer.kvs() {
+            each(kv);
+        }
+        Ok(answer.header().map_or(0, |h| h.revision()))
+    }
+
     /// The last handle closed: give back unused auto keys, stop the committer, revoke the
     /// session (every lock key of this process goes with it) and stop the watch.
     pub async fn shutdown(&self) {
@@ -346,6 +386,10 @@ impl Core {
         self.replica.close();
     }
 }
+
+/// Paged reads of the prefix for a snapshot that a compaction may break before it is read in
+/// one request (see [`Core::snapshot_all`]).
+const PAGED_SNAPSHOT_TRIES: u32 = 3;
 
 pub(crate) fn parse_counter(value: &[u8], table: &str) -> Result<u64> {
     std::str::from_utf8(value)

@@ -1,0 +1,96 @@
+//! A backup racing `compact()`.
+#![cfg(feature = "etcd")]
+
+#[path = "common/etcd.rs"]
+mod etcd_cluster;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Txn, TxnOp};
+use etcd_cluster::EtcdCluster;
+use kvstore_core::etcd::ClusterOptions;
+use kvstore_core::{envelope, Database, DatabaseOptions, MapOptions, RangeOptions};
+
+fn options() -> ClusterOptions {
+    ClusterOptions {
+        request_timeout: Duration::from_secs(5),
+        ..ClusterOptions::default()
+    }
+}
+
+fn rec(value: &str) -> Vec<u8> {
+    envelope::encode(&[], value.as_bytes())
+}
+
+fn value_of(record: Option<Arc<[u8]>>) -> Option<String> {
+    record.map(|r| String::from_utf8(envelope::decode(&r).unwrap().value).unwrap())
+}
+
+fn raw_client(cluster: &EtcdCluster) -> (tokio::runtime::Runtime, etcd_client::Client) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt
+        .block_on(etcd_client::Client::connect(cluster.endpoints(), None))
+        .unwrap();
+    (rt, client)
+}
+
+#[test]
+fn a_backup_racing_compactions_holds_every_key() {
+    const KEYS: usize = 5500;
+    let cluster = EtcdCluster::start(1);
+    let url = cluster.url("big");
+    let db = Database::open_cluster(&url, options()).unwrap();
+    db.map_store("t", MapOptions::default()).unwrap();
+    // Written straight to the cluster, 100 a transaction: more than two pages of the prefix.
+    let (rt, mut client) = raw_client(&cluster);
+    rt.block_on(async {
+        for chunk in (0..KEYS).collect::<Vec<_>>().chunks(100) {
+            let puts: Vec<TxnOp> = chunk
+                .iter()
+                .map(|i| TxnOp::put(format!("/big/data/t/k{i:05}"), rec("v"), None))
+                .collect();
+            client.txn(Txn::new().and_then(puts)).await.unwrap();
+        }
+    });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let compactions = Arc::new(AtomicU64::new(0));
+    let compactor = {
+        let (db, stop, compactions) = (db.clone(), stop.clone(), compactions.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                db.compact().unwrap();
+                compactions.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut outcomes = Vec::new();
+    for n in 0..6 {
+        let dest = dir.path().join(format!("copy{n}.redb"));
+        let before = compactions.load(Ordering::SeqCst);
+        outcomes.push((dest.clone(), db.backup(&dest), before));
+    }
+    stop.store(true, Ordering::SeqCst);
+    compactor.join().unwrap();
+    assert!(compactions.load(Ordering::SeqCst) > 0);
+    for (dest, outcome, _) in outcomes {
+        outcome.unwrap_or_else(|e| panic!("backup {}: {e}", dest.display()));
+        let copy = Database::open(&dest, DatabaseOptions::default()).unwrap();
+        let map = copy.map_store("t", MapOptions::default()).unwrap();
+        assert_eq!(map.count(&RangeOptions::default()).unwrap(), KEYS as u64);
+        for i in [0, 1999, 2000, 4001, KEYS - 1] {
+            assert_eq!(
+                value_of(map.get(&format!("k{i:05}")).unwrap()).as_deref(),
+                Some("v")
+            );
+        }
+        copy.close();
+    }
+    db.close();
+}
