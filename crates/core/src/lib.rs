@@ -14,6 +14,7 @@
 //! # Ok::<(), kvstore_core::Error>(())
 //! ```
 
+mod blocking;
 mod cache;
 pub mod envelope;
 mod error;

@@ -175,6 +175,13 @@ impl KeyLocks {
         }
     }
 
+    /// The driver's etcd key of `key` after a step.
+    fn set_etcd(&self, key: &str, etcd: Option<EtcdKey>) {
+        if let Some(entry) = self.state().keys.get_mut(key) {
+            entry.etcd = etcd;
+        }
+    }
+
     /// Keys with etcd state (for close and session changes).
     fn keys(&self) -> Vec<String> {
         self.state().keys.keys().cloned().collect()
@@ -482,61 +489,19 @@ async fn drive(core: Arc<Core>, table: Arc<TableState>, key: String) {
                 }
             }
             Step::Acquire(changed, queued) => {
-                let outcome = acquire_etcd(&core, &table, &key, &changed, queued).await;
-                let failed = {
-                    let mut state = table.locks.state();
-                    let entry = state.keys.get_mut(&key).expect("a driven key has an entry");
-                    match outcome {
-                        Ok(etcd) => {
-                            entry.etcd = etcd;
-                            None
-                        }
-                        Err((err, etcd)) => {
-                            entry.etcd = etcd;
-                            let pending = entry.pending.take();
-                            if let Some(p) = &pending {
-                                state.pending.remove(&(p.owner, p.ticket));
-                            }
-                            pending.map(|p| (p, err))
-                        }
+                match acquire_etcd(&core, &table, &key, &changed, queued).await {
+                    Ok(etcd) => table.locks.set_etcd(&key, etcd),
+                    Err((err, etcd)) => {
+                        table.locks.set_etcd(&key, etcd);
+                        fail_pending(&table, &key, err);
                     }
-                };
-                if let Some((pending, err)) = failed {
-                    // The next local waiter (if any) tries again.
-                    let _ = table.locks.local.release(&key, pending.grant.token, false);
-                    (pending.notify)(Err(err));
                 }
             }
-            Step::Rotate(etcd) => {
-                let failed = match delete_lock_key(&core, &etcd, "renewing a lock").await {
-                    Ok(()) => {
-                        let mut state = table.locks.state();
-                        let entry = state.keys.get_mut(&key).expect("a driven key has an entry");
-                        if entry
-                            .etcd
-                            .as_ref()
-                            .is_some_and(|e| e.lock_key == etcd.lock_key && e.fence == etcd.fence)
-                        {
-                            entry.etcd = None;
-                        }
-                        None
-                    }
-                    Err(err) => {
-                        let mut state = table.locks.state();
-                        let entry = state.keys.get_mut(&key).expect("a driven key has an entry");
-                        let pending = entry.pending.take();
-                        if let Some(p) = &pending {
-                            state.pending.remove(&(p.owner, p.ticket));
-                        }
-                        pending.map(|p| (p, err))
-                    }
-                };
-                if let Some((pending, err)) = failed {
-                    // The key stays in doubt; the next local waiter (if any) tries again.
-                    let _ = table.locks.local.release(&key, pending.grant.token, false);
-                    (pending.notify)(Err(err));
-                }
-            }
+            Step::Rotate(etcd) => match delete_lock_key(&core, &etcd, "renewing a lock").await {
+                Ok(()) => table.locks.etcd_key_released(&key, &etcd),
+                // The key stays in doubt.
+                Err(err) => fail_pending(&table, &key, err),
+            },
             Step::Delete(etcd) => {
                 let deleted = delete_lock_key(&core, &etcd, "releasing a lock").await;
                 match deleted {
@@ -557,6 +522,23 @@ async fn drive(core: Arc<Core>, table: Arc<TableState>, key: String) {
                 }
             }
         }
+    }
+}
+
+/// The pending holder's wait for the etcd lock failed: it hears `err`, and the next local
+/// waiter (if any) tries again.
+fn fail_pending(table: &TableState, key: &str, err: Error) {
+    let pending = {
+        let mut state = table.locks.state();
+        let pending = state.keys.get_mut(key).and_then(|e| e.pending.take());
+        if let Some(p) = &pending {
+            state.pending.remove(&(p.owner, p.ticket));
+        }
+        pending
+    };
+    if let Some(pending) = pending {
+        let _ = table.locks.local.release(key, pending.grant.token, false);
+        (pending.notify)(Err(err));
     }
 }
 

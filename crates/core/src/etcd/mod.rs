@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::blocking;
 use crate::envelope::{self, Record};
 use crate::error::{Error, Result};
 use crate::keys::{validate_key, KeyFormat};
@@ -723,62 +724,18 @@ impl ClusterMap {
         mode: LockMode,
         timeout: Option<Duration>,
     ) -> Result<ClusterGuard> {
-        static TICKETS: AtomicU64 = AtomicU64::new(1);
         refuse_on_runtime("lock")?;
-        let ticket = TICKETS.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel();
-        let grant = match self.acquire(key, ticket, || {
-            Ok(Box::new(move |r| {
-                let _ = tx.send(r);
-            }))
-        })? {
-            Acquire::Granted(grant) => grant,
-            Acquire::Queued => {
-                let received = match timeout {
-                    Some(t) => rx.recv_timeout(t).ok(),
-                    None => rx.recv().ok(),
-                };
-                match received {
-                    Some(outcome) => outcome?,
-                    None if self.cancel_wait(
-                        ticket,
-                        Error::LockTimeout {
-                            key: key.to_string(),
-                        },
-                    ) =>
-                    {
-                        return Err(Error::LockTimeout {
-                            key: key.to_string(),
-                        })
-                    }
-                    // Granted just as the wait ran out: take it.
-                    None => rx.recv().map_err(|_| Error::StoreClosed)??,
-                }
-            }
-        };
-        let locked = self.finish_acquire(key, grant, mode)?;
         Ok(ClusterGuard {
             map: self.clone(),
             key: key.to_string(),
-            locked,
+            locked: blocking::lock(self, key, mode, timeout)?,
             held: true,
         })
     }
 
     /// The next auto key, waiting for a lease if needed.
     pub fn next_key_blocking(&self) -> Result<String> {
-        let (tx, rx) = mpsc::channel();
-        match self.next_key(|| {
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            })
-        })? {
-            NextKey::Ready(key) => Ok(key),
-            NextKey::Pending => {
-                refuse_on_runtime("wait for an auto key")?;
-                rx.recv().map_err(|_| Error::StoreClosed)?
-            }
-        }
+        blocking::next_key(self)
     }
 
     /// The committed record of `key` (replica), decoded from its envelope.
@@ -797,6 +754,36 @@ impl ClusterMap {
             guard.release();
             Ok(())
         }
+    }
+}
+
+impl blocking::Waits for ClusterMap {
+    fn acquire(
+        &self,
+        key: &str,
+        ticket: u64,
+        make_waiter: impl FnOnce() -> Result<GrantCallback>,
+    ) -> Result<Acquire> {
+        ClusterMap::acquire(self, key, ticket, make_waiter)
+    }
+
+    fn cancel_wait(&self, ticket: u64, reason: Error) -> bool {
+        ClusterMap::cancel_wait(self, ticket, reason)
+    }
+
+    fn finish_acquire(&self, key: &str, grant: Grant, mode: LockMode) -> Result<LockedEntry> {
+        ClusterMap::finish_acquire(self, key, grant, mode)
+    }
+
+    fn next_key(
+        &self,
+        make_waiter: impl FnOnce() -> Box<dyn FnOnce(Result<String>) + Send>,
+    ) -> Result<NextKey> {
+        ClusterMap::next_key(self, make_waiter)
+    }
+
+    fn check_may_wait(&self, what: &str) -> Result<()> {
+        refuse_on_runtime(what)
     }
 }
 

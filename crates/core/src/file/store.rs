@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use redb::{ReadableTableMetadata, TableError};
 
+use crate::blocking;
 use crate::cache::Lookup;
 use crate::envelope::{self, Record};
 use crate::error::{Error, Result};
@@ -827,65 +828,17 @@ impl MapStore {
 
     /// Waits for `key`'s lock (up to `timeout`) and returns the entry locked per `mode`.
     pub fn lock(&self, key: &str, mode: LockMode, timeout: Option<Duration>) -> Result<EntryGuard> {
-        static TICKETS: AtomicU64 = AtomicU64::new(1);
-        let ticket = TICKETS.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel();
-        let grant = match self.acquire(key, ticket, || {
-            Ok(Box::new(move |r| {
-                let _ = tx.send(r);
-            }))
-        })? {
-            Acquire::Granted(grant) => grant,
-            Acquire::Queued => {
-                if let Err(err) = refuse_on_writer(&self.shared().queue, "lock a held key") {
-                    if self.cancel_wait(ticket, err.clone()) {
-                        return Err(err);
-                    }
-                }
-                let received = match timeout {
-                    Some(t) => rx.recv_timeout(t).ok(),
-                    None => rx.recv().ok(),
-                };
-                match received {
-                    Some(outcome) => outcome?,
-                    None if self.cancel_wait(
-                        ticket,
-                        Error::LockTimeout {
-                            key: key.to_string(),
-                        },
-                    ) =>
-                    {
-                        return Err(Error::LockTimeout {
-                            key: key.to_string(),
-                        })
-                    }
-                    // Granted just as the wait ran out: take it.
-                    None => rx.recv().map_err(|_| Error::StoreClosed)??,
-                }
-            }
-        };
-        let locked = self.finish_acquire(key, grant, mode)?;
         Ok(EntryGuard {
             store: self.clone(),
             key: key.to_string(),
-            locked,
+            locked: blocking::lock(self, key, mode, timeout)?,
             held: true,
         })
     }
 
+    /// The next auto key, waiting for a lease if needed.
     pub fn next_key_blocking(&self) -> Result<String> {
-        let (tx, rx) = mpsc::channel();
-        match self.next_key(|| {
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            })
-        })? {
-            NextKey::Ready(key) => Ok(key),
-            NextKey::Pending => {
-                refuse_on_writer(&self.shared().queue, "wait for an auto key")?;
-                rx.recv().map_err(|_| Error::StoreClosed)?
-            }
-        }
+        blocking::next_key(self)
     }
 
     /// The committed record of `key`, decoded from its envelope.
@@ -904,6 +857,36 @@ impl MapStore {
             guard.release();
             Ok(())
         }
+    }
+}
+
+impl blocking::Waits for MapStore {
+    fn acquire(
+        &self,
+        key: &str,
+        ticket: u64,
+        make_waiter: impl FnOnce() -> Result<GrantCallback>,
+    ) -> Result<Acquire> {
+        MapStore::acquire(self, key, ticket, make_waiter)
+    }
+
+    fn cancel_wait(&self, ticket: u64, reason: Error) -> bool {
+        MapStore::cancel_wait(self, ticket, reason)
+    }
+
+    fn finish_acquire(&self, key: &str, grant: Grant, mode: LockMode) -> Result<LockedEntry> {
+        MapStore::finish_acquire(self, key, grant, mode)
+    }
+
+    fn next_key(
+        &self,
+        make_waiter: impl FnOnce() -> Box<dyn FnOnce(Result<String>) + Send>,
+    ) -> Result<NextKey> {
+        MapStore::next_key(self, make_waiter)
+    }
+
+    fn check_may_wait(&self, what: &str) -> Result<()> {
+        refuse_on_writer(&self.shared().queue, what)
     }
 }
 
