@@ -1,4 +1,4 @@
-//! A backup racing `compact()`.
+//! Stores whose prefixes nest; a backup racing `compact()`.
 #![cfg(feature = "etcd")]
 
 #[path = "common/etcd.rs"]
@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use etcd_client::{Txn, TxnOp};
 use etcd_cluster::EtcdCluster;
-use kvstore_core::etcd::ClusterOptions;
-use kvstore_core::{envelope, Database, DatabaseOptions, MapOptions, RangeOptions};
+use kvstore_core::etcd::{ClusterDatabase, ClusterOptions};
+use kvstore_core::{
+    envelope, Database, DatabaseOptions, ErrorCode, LockMode, MapOptions, RangeOptions,
+};
 
 fn options() -> ClusterOptions {
     ClusterOptions {
@@ -37,6 +39,58 @@ fn raw_client(cluster: &EtcdCluster) -> (tokio::runtime::Runtime, etcd_client::C
         .block_on(etcd_client::Client::connect(cluster.endpoints(), None))
         .unwrap();
     (rt, client)
+}
+
+fn refused(cluster: &EtcdCluster, prefix: &str, other: &str) {
+    let err = match ClusterDatabase::open_unshared(&cluster.url(prefix), options()) {
+        Ok(_) => panic!("{prefix} opened beside {other}"),
+        Err(err) => err,
+    };
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    let message = err.to_string();
+    for name in [prefix, other] {
+        assert!(message.contains(&format!("'/{name}'")), "{message}");
+    }
+}
+
+#[test]
+fn a_store_inside_another_stores_prefix_is_refused_either_way() {
+    let cluster = EtcdCluster::start(1);
+    // Outer first.
+    let outer = ClusterDatabase::open_unshared(&cluster.url("n"), options()).unwrap();
+    let map = outer.map_store("t", &MapOptions::default()).unwrap();
+    map.lock("x", LockMode::New, None)
+        .unwrap()
+        .commit(rec("v"))
+        .unwrap();
+    refused(&cluster, "n/data/t", "n");
+    refused(&cluster, "n/x", "n");
+    // Inner first.
+    let inner = ClusterDatabase::open_unshared(&cluster.url("a/b"), options()).unwrap();
+    refused(&cluster, "a", "a/b");
+    let deeper = ClusterDatabase::open_unshared(&cluster.url("c/d/e"), options()).unwrap();
+    refused(&cluster, "c", "c/d/e");
+    refused(&cluster, "c/d", "c/d/e");
+    // A refused open leaves nothing behind: the inner store opens again.
+    inner.close().unwrap();
+    deeper.close().unwrap();
+    ClusterDatabase::open_unshared(&cluster.url("a/b"), options())
+        .unwrap()
+        .close()
+        .unwrap();
+    // Neighbours that only share a spelling are no nesting; a data key ending in
+    // "/meta/format" is data.
+    map.lock("y/meta/format", LockMode::New, None)
+        .unwrap()
+        .commit(rec("1"))
+        .unwrap();
+    for prefix in ["nx", "a/bc", "ab", "n"] {
+        ClusterDatabase::open_unshared(&cluster.url(prefix), options())
+            .unwrap()
+            .close()
+            .unwrap();
+    }
+    outer.close().unwrap();
 }
 
 #[test]

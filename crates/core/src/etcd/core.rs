@@ -78,12 +78,26 @@ impl Core {
     pub async fn open(url: ClusterUrl, options: &ClusterOptions) -> Result<Arc<Core>> {
         let cluster = Cluster::connect(&url, options).await?;
         let layout = Layout::new(&url.prefix);
-        check_format(&cluster, &layout, &url).await?;
-        let session = Session::start(cluster.clone(), options.session_ttl).await?;
+        let created = check_format(&cluster, &layout, &url).await?;
+        let undo = |err: Error| async {
+            if let Some(created) = created {
+                forget_format(&cluster, &layout, created).await;
+            }
+            err
+        };
+        let session = match Session::start(cluster.clone(), options.session_ttl).await {
+            Ok(session) => session,
+            Err(err) => return Err(undo(err).await),
+        };
         let replica = Arc::new(Replica::new(layout.clone()));
-        if let Err(err) = replica.load(&cluster).await {
+        let refused = match replica.load(&cluster).await {
+            Ok(None) => None,
+            Ok(Some(inner)) => Some(nested_error(&inner, &url.prefix)),
+            Err(err) => Some(err),
+        };
+        if let Some(err) = refused {
             session.close().await;
-            return Err(err);
+            return Err(undo(err).await);
         }
         let stats = Arc::new(CommitStats::default());
         let core = Arc::new_cyclic(|weak| Core {
@@ -404,17 +418,30 @@ pub(crate) fn parse_counter(value: &[u8], table: &str) -> Result<u64> {
         })
 }
 
-/// Records the layout version under the prefix, or checks the one recorded.
-async fn check_format(cluster: &Cluster, layout: &Layout, url: &ClusterUrl) -> Result<()> {
+/// Records the layout version under the prefix, or checks the one recorded; refuses a prefix
+/// inside another store's (an ancestor's `meta/format` exists), in the same transaction.
+/// Returns the revision it recorded the version at, or None when it was recorded already.
+async fn check_format(cluster: &Cluster, layout: &Layout, url: &ClusterUrl) -> Result<Option<i64>> {
     let key = layout.format_key();
+    let ancestors = layout.ancestor_format_keys();
+    let mut compares = vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)];
+    let mut reads = vec![TxnOp::get(key.clone(), None)];
+    for (_, format) in &ancestors {
+        compares.push(Compare::create_revision(
+            format.clone(),
+            CompareOp::Equal,
+            0,
+        ));
+        reads.push(TxnOp::get(format.clone(), None));
+    }
     let txn = Txn::new()
-        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+        .when(compares)
         .and_then([TxnOp::put(
             key.clone(),
             LAYOUT_VERSION,
             Some(PutOptions::new()),
         )])
-        .or_else([TxnOp::get(key, None)]);
+        .or_else(reads);
     let answer = cluster
         .call("opening the store", Effect::Nothing, || {
             let mut kv = cluster.kv.clone();
@@ -423,14 +450,26 @@ async fn check_format(cluster: &Cluster, layout: &Layout, url: &ClusterUrl) -> R
         })
         .await?;
     if answer.succeeded() {
-        return Ok(());
+        return Ok(Some(answer.header().map_or(0, |h| h.revision())));
     }
-    let stored = answer.op_responses().into_iter().find_map(|op| match op {
-        TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
-        _ => None,
-    });
-    match stored.as_deref() {
-        Some(v) if v == LAYOUT_VERSION.as_bytes() => Ok(()),
+    let found: Vec<Option<Vec<u8>>> = answer
+        .op_responses()
+        .into_iter()
+        .map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        })
+        .collect();
+    if let Some((outer, _)) = ancestors
+        .iter()
+        .zip(found.iter().skip(1))
+        .find(|(_, value)| value.is_some())
+        .map(|(a, _)| a)
+    {
+        return Err(nested_error(&url.prefix, outer));
+    }
+    match found.first().and_then(|v| v.as_deref()) {
+        Some(v) if v == LAYOUT_VERSION.as_bytes() => Ok(None),
         other => Err(Error::DatabaseCorrupt {
             path: url.normalized(),
             detail: format!(
@@ -439,4 +478,32 @@ async fn check_format(cluster: &Cluster, layout: &Layout, url: &ClusterUrl) -> R
             ),
         }),
     }
+}
+
+/// A store at `inner` would mix its keys with the store at `outer`.
+fn nested_error(inner: &str, outer: &str) -> Error {
+    Error::invalid(format!(
+        "the etcd prefix '{inner}' lies inside the prefix '{outer}' of another kvstore store: \
+         their keys would mix; give each store a prefix that neither contains nor is contained \
+         in another store's"
+    ))
+}
+
+/// A refused open takes back the format record it made (only that one: nobody else's).
+async fn forget_format(cluster: &Cluster, layout: &Layout, created: i64) {
+    let key = layout.format_key();
+    let txn = Txn::new()
+        .when([Compare::create_revision(
+            key.clone(),
+            CompareOp::Equal,
+            created,
+        )])
+        .and_then([TxnOp::delete(key, None)]);
+    let _ = cluster
+        .call("undoing the store's format record", Effect::Unknown, || {
+            let mut kv = cluster.kv.clone();
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await;
 }

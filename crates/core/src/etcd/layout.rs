@@ -11,6 +11,20 @@
 //!
 //! `<t>` is the table name with `%` → `%25` and `/` → `%2F`, so that no table name is a prefix
 //! of another table's keys.
+//!
+//! Stores do not nest: the keys of a store whose prefix lies inside another's (`/n` and
+//! `/n/data/t`, `/a` and `/a/b`) would mix, so an open is refused (InvalidArgument) when
+//!
+//! - an ancestor `Q` of `P` (`P` cut at a `/`) has `Q/meta/format`: checked in the transaction
+//!   that records `P/meta/format` (one compare per ancestor, atomic with the record), or
+//! - a key `P/<X>/meta/format` other than `P/meta/format` holds a layout version (decimal
+//!   ASCII; records are envelopes, which begin with the byte 1): checked while the open reads
+//!   the whole prefix into the replica, which it does anyway, so at no extra cost. A refused
+//!   open removes the `P/meta/format` it recorded (if it created it).
+//!
+//! Of two stores opened at once, one nested in the other, at least one is refused: the inner
+//! one's transaction sees the outer's record, or the outer's read (after its record) sees the
+//! inner's.
 
 /// Version of this layout, recorded at `P/meta/format`.
 pub const LAYOUT_VERSION: &str = "1";
@@ -114,6 +128,32 @@ impl Layout {
         format!("{}{:016x}", self.lock_prefix(table, key), lease as u64)
     }
 
+    /// The prefixes whose store would hold this one's keys: `P` cut at each `/` (`/a/b/c` →
+    /// `/a`, `/a/b`), each as its `meta/format` key.
+    pub fn ancestor_format_keys(&self) -> Vec<(String, String)> {
+        let prefix = &self.root[..self.root.len() - 1];
+        prefix
+            .match_indices('/')
+            .map(|(at, _)| &prefix[..at])
+            .filter(|p| !p.is_empty() && !p.ends_with('/'))
+            .map(|p| (p.to_string(), format!("{p}/meta/format")))
+            .collect()
+    }
+
+    /// Whether a key read under `P/` is the format record of another store whose prefix lies
+    /// inside this one (`P/<X>/meta/format` holding a layout version, decimal ASCII): then that
+    /// store's prefix `P/<X>`. A record of this store never is one: data values are envelopes,
+    /// which begin with the byte 1, and no key of `meta/` or `lock/` ends so.
+    pub fn nested_root(&self, raw: &[u8], value: &[u8]) -> Option<String> {
+        let rest = raw.strip_prefix(self.root.as_bytes())?;
+        let inner = rest.strip_suffix(b"/meta/format")?;
+        let is_version = !value.is_empty() && value.iter().all(u8::is_ascii_digit);
+        if inner.is_empty() || !is_version {
+            return None;
+        }
+        Some(String::from_utf8_lossy(&raw[..raw.len() - b"/meta/format".len()]).into_owned())
+    }
+
     /// Splits a key read from etcd into what it is.
     pub fn parse(&self, raw: &[u8]) -> Parsed {
         let Some(rest) = raw.strip_prefix(self.root.as_bytes()) else {
@@ -199,5 +239,26 @@ mod tests {
         assert_eq!(l.parse(b"other/data/t/k"), Parsed::Other);
         assert_eq!(prefix_end(b"a/"), b"a0".to_vec());
         assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
+    }
+
+    #[test]
+    fn nested_stores_are_found_both_ways() {
+        let l = Layout::new("/a/b//c");
+        let ancestors: Vec<String> = l.ancestor_format_keys().into_iter().map(|a| a.1).collect();
+        assert_eq!(ancestors, ["/a/meta/format", "/a/b/meta/format"]);
+        assert!(Layout::new("/a").ancestor_format_keys().is_empty());
+        let n = Layout::new("/n");
+        assert_eq!(
+            n.nested_root(b"/n/data/t/meta/format", b"1"),
+            Some("/n/data/t".to_string())
+        );
+        assert_eq!(
+            n.nested_root(b"/n/x/meta/format", b"12"),
+            Some("/n/x".into())
+        );
+        assert_eq!(n.nested_root(b"/n/meta/format", b"1"), None);
+        assert_eq!(n.nested_root(b"/n/data/t/k/meta/format", b"\x011"), None);
+        assert_eq!(n.nested_root(b"/nx/meta/format", b"1"), None);
+        assert_eq!(n.nested_root(b"/n/data/t/k", b"1"), None);
     }
 }

@@ -191,13 +191,18 @@ impl Replica {
     }
 
     /// Reads the whole prefix at one revision and installs it (keeping what this process
-    /// applied ahead of that revision). The caller wakes the waits.
-    pub async fn load(&self, cluster: &Cluster) -> Result<()> {
+    /// applied ahead of that revision). The caller wakes the waits. Returns the root of a store
+    /// found nested inside this prefix, if any (see [`super::layout::nested_root`]).
+    pub async fn load(&self, cluster: &Cluster) -> Result<Option<String>> {
         let root = self.layout.root().as_bytes().to_vec();
         let mut tables: HashMap<String, Snapshot> = HashMap::new();
         let mut lock_keys = HashMap::new();
+        let mut nested = None;
         let revision = cluster
             .scan(&root, &prefix_end(&root), |kv| {
+                if nested.is_none() {
+                    nested = self.layout.nested_root(kv.key(), kv.value());
+                }
                 match self.layout.parse(kv.key()) {
                     Parsed::Data { table, key } => {
                         tables
@@ -227,7 +232,7 @@ impl Replica {
                 }
             }
         }
-        Ok(())
+        Ok(nested)
     }
 
     /// Applies one watch answer; returns the lock keys it saw deleted.
@@ -366,7 +371,7 @@ impl Replica {
             }
             if reload {
                 match self.load(&cluster).await {
-                    Ok(()) => {
+                    Ok(_) => {
                         // What changed between the compacted revision and now cannot be
                         // replayed: the watches end rather than skip it silently.
                         self.watchers.fail_all(&Error::WatchOverflow {
