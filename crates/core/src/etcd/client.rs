@@ -3,10 +3,15 @@
 //! tonic's errors mapped to the crate's.
 
 use std::future::Future;
-use std::sync::OnceLock;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, ConnectOptions, KvClient, LeaseClient, WatchClient};
+use tonic::codegen::{http, Service};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
 
@@ -196,6 +201,82 @@ pub(crate) fn unavailable(what: &str, effect: Effect, detail: &str) -> Error {
     }
 }
 
+/// The connections to the members: one (lazy) connection per member, and every request of
+/// the core goes to one of them, the pinned member, until a request to it fails: then to the
+/// next. (etcd-client's own balancing picks between every connected member at random, so a
+/// stopped member, whose port still accepts connections, kept getting a share of the requests,
+/// each waiting until the request timeout.)
+struct Members {
+    channels: Vec<Channel>,
+    pinned: AtomicUsize,
+}
+
+impl Members {
+    fn pinned(&self) -> usize {
+        self.pinned.load(Ordering::SeqCst)
+    }
+
+    /// A request to member `i` failed (the connection broke, a ping went unanswered, the member
+    /// has no leader): the next requests go to the next member, unless another failure moved
+    /// the pin already.
+    fn failed(&self, i: usize) {
+        let next = (i + 1) % self.channels.len();
+        let _ = self
+            .pinned
+            .compare_exchange(i, next, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
+/// The channel under etcd-client's clients: sends each request to the pinned member.
+#[derive(Clone)]
+struct Router {
+    members: Arc<Members>,
+}
+
+type HttpRequest = http::Request<tonic::body::Body>;
+type HttpResponse = http::Response<tonic::body::Body>;
+type Routed =
+    Pin<Box<dyn Future<Output = std::result::Result<HttpResponse, tower::BoxError>> + Send>>;
+
+impl Service<HttpRequest> for Router {
+    type Response = HttpResponse;
+    type Error = tower::BoxError;
+    type Future = Routed;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::result::Result<(), Self::Error>> {
+        // Readiness is the member's, awaited in `call` once the member is chosen.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: HttpRequest) -> Self::Future {
+        let members = self.members.clone();
+        Box::pin(async move {
+            let i = members.pinned();
+            let mut channel = members.channels[i].clone();
+            let answer = async {
+                std::future::poll_fn(|cx| channel.poll_ready(cx)).await?;
+                channel.call(request).await
+            }
+            .await;
+            // A transport failure (no connection, a broken one, an unanswered keep-alive
+            // ping); an answer with a gRPC error status is judged by `Cluster::call`.
+            answer.map_err(|err| {
+                members.failed(i);
+                Box::new(err) as tower::BoxError
+            })
+        })
+    }
+}
+
+/// How often an open connection with requests or streams on it is pinged when nothing else
+/// arrives, and how long the answer may take: a member that stopped answering (a stopped
+/// process, a dead host) is dropped after about twice this, well within the request timeout.
+/// (etcd enforces no minimum ping interval while it sends data on the connection; the session's
+/// keep-alives do.)
+fn ping_interval(timeout: Duration) -> Duration {
+    (timeout / 5).clamp(Duration::from_millis(200), Duration::from_secs(2))
+}
+
 /// The cluster client of one core.
 #[derive(Clone)]
 pub(crate) struct Cluster {
@@ -203,31 +284,30 @@ pub(crate) struct Cluster {
     pub watch: WatchClient,
     pub lease: LeaseClient,
     pub timeout: Duration,
+    members: Arc<Members>,
 }
 
 impl Cluster {
     pub async fn connect(url: &ClusterUrl, options: &ClusterOptions) -> Result<Cluster> {
         let timeout = options.request_timeout;
-        let keep_alive = (timeout / 2).max(Duration::from_millis(500));
+        let ping = ping_interval(timeout);
         let mut connect = ConnectOptions::new()
-            .with_connect_timeout(timeout)
-            .with_keep_alive(keep_alive, timeout)
-            .with_keep_alive_while_idle(true)
             .with_require_leader(true)
             .with_auto_token_refresh(true);
         if let Some((user, password)) = &options.auth {
             connect = connect.with_user(user.clone(), password.clone());
         }
+        let mut tls = None;
         if url.tls {
-            let mut tls = etcd_client::TlsOptions::new();
+            let mut config = etcd_client::TlsOptions::new();
             if let Some(tls_options) = &options.tls {
                 if let Some(ca) = &tls_options.ca {
-                    tls = tls.ca_certificate(etcd_client::Certificate::from_pem(ca.clone()));
+                    config = config.ca_certificate(etcd_client::Certificate::from_pem(ca.clone()));
                 }
                 match (&tls_options.cert, &tls_options.key) {
                     (Some(cert), Some(key)) => {
-                        tls =
-                            tls.identity(etcd_client::Identity::from_pem(cert.clone(), key.clone()))
+                        config = config
+                            .identity(etcd_client::Identity::from_pem(cert.clone(), key.clone()))
                     }
                     (None, None) => {}
                     _ => {
@@ -237,16 +317,43 @@ impl Cluster {
                     }
                 }
             }
-            connect = connect.with_tls(tls);
+            tls = Some(config);
         } else if options.tls.is_some() {
             return Err(Error::invalid(
                 "tls options need an etcds:// URL (etcd:// connects without TLS)",
             ));
         }
-        let endpoints = url.client_endpoints();
         let what = format!("the connection to {}", url.endpoints.join(","));
+        let mut channels = Vec::new();
+        for address in url.client_endpoints() {
+            let endpoint = Endpoint::from_shared(address.clone())
+                .map_err(|e| Error::invalid(format!("etcd endpoint {address}: {e}")))?;
+            let endpoint = match &tls {
+                Some(config) => endpoint.tls_config(config.clone()).map_err(|e| {
+                    Error::invalid(format!("etcd endpoint {address}: {}", chain(&e)))
+                })?,
+                None => endpoint,
+            };
+            let endpoint = endpoint
+                .connect_timeout(timeout.min(ping * 5))
+                .http2_keep_alive_interval(ping)
+                .keep_alive_timeout(ping)
+                // Pings only while requests or streams are open: etcd answers pings on an idle
+                // connection with "too many pings" and closes it.
+                .keep_alive_while_idle(false);
+            channels.push(endpoint.connect_lazy());
+        }
+        let members = Arc::new(Members {
+            channels,
+            pinned: AtomicUsize::new(0),
+        });
+        let router = Router {
+            members: members.clone(),
+        };
+        let channel = etcd_client::Channel::Custom(tower::util::BoxCloneSyncService::new(router));
         let client =
-            match tokio::time::timeout(timeout, Client::connect(endpoints, Some(connect))).await {
+            match tokio::time::timeout(timeout, Client::from_channel(channel, Some(connect))).await
+            {
                 Ok(Ok(client)) => client,
                 Ok(Err(err)) => return Err(map_error(&err, &what, Effect::Nothing)),
                 Err(_) => {
@@ -266,6 +373,7 @@ impl Cluster {
                 .max_decoding_message_size(MAX_DECODING_BYTES),
             lease: client.lease_client(),
             timeout,
+            members,
         })
     }
 
@@ -289,6 +397,7 @@ impl Cluster {
                     &format!("no answer within {:?}; last: {last}", self.timeout),
                 ));
             }
+            let member = self.members.pinned();
             match tokio::time::timeout(left, attempt()).await {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(err)) => {
@@ -296,6 +405,10 @@ impl Cluster {
                     if kind != Kind::Transient {
                         return Err(map_error(&err, what, effect));
                     }
+                    // The next attempt goes to another member (this one may have no leader, be
+                    // cut off or be overloaded). Resending is what this loop always did on a
+                    // transient failure; only where to has changed.
+                    self.members.failed(member);
                     last = detail;
                 }
                 Err(_) => {

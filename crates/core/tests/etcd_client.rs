@@ -1,0 +1,89 @@
+//! The etcd connection itself: a stopped member (SIGSTOP: its TCP port still accepts, it
+//! answers nothing) with the quorum intact does not slow calls to the request timeout.
+#![cfg(feature = "etcd")]
+
+#[path = "common/etcd.rs"]
+mod etcd_cluster;
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use etcd_cluster::EtcdCluster;
+use kvstore_core::etcd::{ClusterDatabase, ClusterOptions};
+use kvstore_core::{envelope, LockMode, MapOptions};
+
+/// The tests of this file one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn options(timeout: Duration) -> ClusterOptions {
+    ClusterOptions {
+        request_timeout: timeout,
+        ..ClusterOptions::default()
+    }
+}
+
+fn rec(value: &str) -> Vec<u8> {
+    envelope::encode(&[], value.as_bytes())
+}
+
+#[test]
+fn a_stopped_member_does_not_slow_calls_while_the_quorum_answers() {
+    let _serial = serial();
+    let mut cluster = EtcdCluster::start(3);
+    // A healthy answer takes milliseconds; a call that waits on the stopped member takes the
+    // whole timeout. Half of it is the bound of every call below.
+    let timeout = Duration::from_secs(20);
+    let bound = timeout / 2;
+    let db = ClusterDatabase::open_unshared(&cluster.url("app"), options(timeout)).unwrap();
+    let map = db.map_store("m", &MapOptions::default()).unwrap();
+    map.lock("k", LockMode::Any, None)
+        .unwrap()
+        .commit(rec("start"))
+        .unwrap();
+    db.sync().unwrap();
+
+    let mut slowest = Duration::ZERO;
+    // Each member in turn, so that one of them is the member the client talks to and one is
+    // the leader.
+    for stopped in 0..3 {
+        cluster.pause(stopped);
+        for i in 0..8 {
+            let what = format!("member {stopped} stopped, call {i}");
+            let started = Instant::now();
+            let guard = map
+                .lock("k", LockMode::Any, None)
+                .unwrap_or_else(|e| panic!("{what}: lock: {e}"));
+            guard
+                .commit(rec(&format!("{stopped}/{i}")))
+                .unwrap_or_else(|e| panic!("{what}: commit: {e}"));
+            let took = started.elapsed();
+            assert!(took < bound, "{what}: lock and commit took {took:?}");
+            slowest = slowest.max(took);
+
+            let started = Instant::now();
+            db.sync().unwrap_or_else(|e| panic!("{what}: sync: {e}"));
+            let took = started.elapsed();
+            assert!(took < bound, "{what}: sync took {took:?}");
+            slowest = slowest.max(took);
+
+            let started = Instant::now();
+            let tables = db
+                .tables()
+                .unwrap_or_else(|e| panic!("{what}: tables: {e}"));
+            assert_eq!(tables.len(), 1);
+            let took = started.elapsed();
+            assert!(took < bound, "{what}: listing the maps took {took:?}");
+            slowest = slowest.max(took);
+
+            let record = map.get_record("k").unwrap().expect("k is there");
+            assert_eq!(record.value, format!("{stopped}/{i}").into_bytes());
+        }
+        cluster.resume(stopped);
+    }
+    eprintln!("the slowest call with a member stopped took {slowest:?}");
+    db.close().unwrap();
+}
