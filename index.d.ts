@@ -48,11 +48,13 @@ export declare class NativeDatabase {
   /** The maps of this file with the codec each was created with. */
   tables(): Array<NativeTableInfo>
   /**
-   * Waits for this handle's commits in flight, then releases its locks and waiters.
-   * Fails when this was the file's last handle and its final sync failed: acknowledged
-   * non-durable commits were lost (the handle is closed all the same).
+   * Waits for this handle's commits in flight, then releases its locks and waiters; on a
+   * thread of libuv's pool, since that takes round trips for a cluster (seconds while it is
+   * down) and a final fsync for a file. The promise settles after every commit promise of
+   * this handle. Rejects when this was the file's last handle and its final sync failed:
+   * acknowledged non-durable commits were lost (the handle is closed all the same).
    */
-  close(): void
+  close(): Promise<void>
 }
 
 export declare class NativeMapStore {

@@ -376,15 +376,52 @@ impl NativeDatabase {
             .collect())
     }
 
-    /// Waits for this handle's commits in flight, then releases its locks and waiters.
-    /// Fails when this was the file's last handle and its final sync failed: acknowledged
-    /// non-durable commits were lost (the handle is closed all the same).
-    #[napi(catch_unwind)]
-    pub fn close(&mut self, env: Env) -> Result<()> {
+    /// Waits for this handle's commits in flight, then releases its locks and waiters; on a
+    /// thread of libuv's pool, since that takes round trips for a cluster (seconds while it is
+    /// down) and a final fsync for a file. The promise settles after every commit promise of
+    /// this handle. Rejects when this was the file's last handle and its final sync failed:
+    /// acknowledged non-durable commits were lost (the handle is closed all the same).
+    #[napi(catch_unwind, ts_return_type = "Promise<void>")]
+    pub fn close(&mut self) -> AsyncTask<CloseTask> {
+        // This turn's commits go in before the close, which then waits for them.
         flush_pending(&self.db, &self.pending);
-        let closed = self.db.try_close();
+        AsyncTask::new(CloseTask {
+            db: self.db.clone(),
+            mailbox: self.mailbox.clone(),
+            cleanup: self.cleanup.take().map(CloseHook),
+        })
+    }
+}
+
+/// The hook that closes a handle when its thread's environment goes away; removed by the
+/// close that finished first.
+struct CloseHook(CleanupEnvHook<Database>);
+
+// SAFETY: the hook only rides along with its close task; it is removed in `resolve`, on the JS
+// thread that added it.
+unsafe impl Send for CloseHook {}
+
+/// `NativeDatabase.close`: the core's close runs on libuv's pool; the mailbox and the cleanup
+/// hook are let go of afterwards, on the JS thread.
+pub struct CloseTask {
+    db: Database,
+    mailbox: Arc<Mailbox>,
+    cleanup: Option<CloseHook>,
+}
+
+impl Task for CloseTask {
+    type Output = kvstore_core::Result<()>;
+    type JsValue = ();
+
+    fn compute(&mut self) -> Result<kvstore_core::Result<()>> {
+        Ok(self.db.try_close())
+    }
+
+    fn resolve(&mut self, env: Env, closed: kvstore_core::Result<()>) -> Result<()> {
+        // The core settled this handle's commits before its close returned: they are queued
+        // in the mailbox and settled here, before the close's own promise.
         self.mailbox.close(&env);
-        if let Some(hook) = self.cleanup.take() {
+        if let Some(CloseHook(hook)) = self.cleanup.take() {
             env.remove_env_cleanup_hook(hook)?;
         }
         closed.or_js()

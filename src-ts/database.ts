@@ -7,12 +7,16 @@ import { MapStore } from './map-store'
 import { binding, type NativeDatabase } from './native'
 import { checkDatabaseOptions, checkLogger, checkMapOptions, checkPath, checkTableName, checkTimeout, isClusterUrl, type DatabaseOptions, type MapStoreOptions } from './options'
 
+const ignore = (): void => {}
+
 export class Database {
   readonly #native: NativeDatabase
   readonly #options: DatabaseOptions
   readonly #stores = new Set<MapStore<unknown>>()
   readonly #onClose: (() => void) | undefined
   #closed = false
+  /** The close in progress or done; set by the first close(). */
+  #closing: Promise<void> | undefined
   #flushScheduled = false
   readonly #flush = (): void => {
     this.#flushScheduled = false
@@ -162,18 +166,26 @@ export class Database {
 
   /**
    * Waits for commits in flight, rejects lock waiters with StoreClosedError, releases this
-   * handle's locks; the file closes when its last handle in the process closes. Idempotent.
+   * handle's locks; the file closes when its last handle in the process closes. The waiting
+   * (round trips to a cluster, a file's final fsync) is off the event loop; calls made once
+   * close() began fail with StoreClosedError at once. Idempotent: a second call resolves when
+   * the first close finished.
    */
   async close(): Promise<void> {
-    if (this.#closed) return
+    if (this.#closing !== undefined) return this.#closing.then(ignore, ignore)
     this.#closed = true
     for (const store of this.#stores) store.closeWalks()
     this.#stores.clear()
+    this.#closing = this.#closeNative()
+    return this.#closing
+  }
+
+  async #closeNative(): Promise<void> {
     // The native close waits for this handle's commits in flight and settles their promises
-    // before it returns. It throws (an IoError) when the file's final sync failed and
+    // before its own. It rejects (an IoError) when the file's final sync failed and
     // acknowledged non-durable commits were lost; the handle is closed either way.
     try {
-      native(() => this.#native.close())
+      await settled(native(() => this.#native.close()))
     } finally {
       this.#onClose?.()
     }

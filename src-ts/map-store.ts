@@ -147,7 +147,8 @@ export class MapStore<T = unknown> {
       store.#parts.ownsDatabase = true
       return store
     } catch (err) {
-      void database.close()
+      // The open's own error is what the caller hears.
+      database.close().catch(() => {})
       throw err
     }
   }
@@ -398,7 +399,12 @@ export class MapStore<T = unknown> {
    * Database.close); a map from db.mapStore() only stops this view.
    */
   async close(): Promise<void> {
-    if (this.#closed) return
+    if (this.#closed) {
+      // A second call waits for the first one's close of the database (never rethrowing its
+      // error: the database's close() is idempotent that way).
+      if (this.#parts.ownsDatabase) await this.#parts.database.close()
+      return
+    }
     this.#closed = true
     this.closeWalks()
     // Rejects the lock waits queued through this map; a grant on its way is released.
