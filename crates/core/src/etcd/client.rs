@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -207,7 +207,9 @@ pub(crate) fn unavailable(what: &str, effect: Effect, detail: &str) -> Error {
 /// stopped member, whose port still accepts connections, kept getting a share of the requests,
 /// each waiting until the request timeout.)
 struct Members {
-    channels: Vec<Channel>,
+    /// By member; emptied by [`Cluster::close`], which drops the connections.
+    channels: RwLock<Vec<Channel>>,
+    count: usize,
     pinned: AtomicUsize,
 }
 
@@ -216,11 +218,24 @@ impl Members {
         self.pinned.load(Ordering::SeqCst)
     }
 
+    /// Member `i`'s channel; None once closed.
+    fn channel(&self, i: usize) -> Option<Channel> {
+        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        channels.get(i).cloned()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.channels
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
     /// A request to member `i` failed (the connection broke, a ping went unanswered, the member
     /// has no leader): the next requests go to the next member, unless another failure moved
     /// the pin already.
     fn failed(&self, i: usize) {
-        let next = (i + 1) % self.channels.len();
+        let next = (i + 1) % self.count;
         let _ = self
             .pinned
             .compare_exchange(i, next, Ordering::SeqCst, Ordering::SeqCst);
@@ -252,7 +267,11 @@ impl Service<HttpRequest> for Router {
         let members = self.members.clone();
         Box::pin(async move {
             let i = members.pinned();
-            let mut channel = members.channels[i].clone();
+            let Some(mut channel) = members.channel(i) else {
+                return Err(Box::new(tonic::Status::cancelled(
+                    "the store's connection to etcd is closed",
+                )) as tower::BoxError);
+            };
             let answer = async {
                 std::future::poll_fn(|cx| channel.poll_ready(cx)).await?;
                 channel.call(request).await
@@ -344,7 +363,8 @@ impl Cluster {
             channels.push(endpoint.connect_lazy());
         }
         let members = Arc::new(Members {
-            channels,
+            count: channels.len(),
+            channels: RwLock::new(channels),
             pinned: AtomicUsize::new(0),
         });
         let router = Router {
@@ -377,6 +397,20 @@ impl Cluster {
         })
     }
 
+    /// Drops the connections to every member now (in-flight requests and open streams on them
+    /// fail), whoever still holds a clone of this cluster or of its clients: requests made
+    /// after this fail at once ([`Cluster::call`]: `StoreClosed`).
+    pub fn close(&self) {
+        let channels = std::mem::take(
+            &mut *self
+                .members
+                .channels
+                .write()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        drop(channels);
+    }
+
     /// Runs `attempt` until it succeeds, fails for good, or the request timeout has passed
     /// since the first try; transient failures (a member gone, a leader election) are tried
     /// again, on whichever member answers. `effect` is what a failure of a write may have done.
@@ -389,6 +423,9 @@ impl Cluster {
         let mut pause = Duration::from_millis(20);
         let mut last = String::from("no answer");
         loop {
+            if self.members.is_closed() {
+                return Err(Error::StoreClosed);
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(unavailable(

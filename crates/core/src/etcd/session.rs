@@ -231,12 +231,16 @@ impl Session {
         }
     }
 
-    /// Stops the keep-alives and revokes the lease: every lock key of this core goes.
+    /// Stops the keep-alives and revokes the lease: every lock key of this core goes. The
+    /// session is the last user of the core's connection: closing it closes the connection
+    /// (the replica's watch ends with it), so that a closed store holds no socket even while
+    /// a handle of it is still reachable.
     pub async fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         if let Some(lease) = self.current.send_replace(None) {
             let mut client = self.cluster.lease.clone();
             let _ = tokio::time::timeout(self.cluster.timeout, client.revoke(lease.id)).await;
         }
+        self.cluster.close();
     }
 }
