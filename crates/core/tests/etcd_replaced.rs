@@ -1,4 +1,5 @@
-//! Stores whose prefixes nest; a backup racing `compact()`.
+//! A cluster wiped and started afresh under a running process; stores whose prefixes nest; a
+//! backup racing `compact()`.
 #![cfg(feature = "etcd")]
 
 #[path = "common/etcd.rs"]
@@ -6,7 +7,7 @@ mod etcd_cluster;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{Txn, TxnOp};
 use etcd_cluster::EtcdCluster;
@@ -39,6 +40,84 @@ fn raw_client(cluster: &EtcdCluster) -> (tokio::runtime::Runtime, etcd_client::C
         .block_on(etcd_client::Client::connect(cluster.endpoints(), None))
         .unwrap();
     (rt, client)
+}
+
+/// `sync()` until the store answers again (the member is back): Unavailable meanwhile, within a
+/// generous bound.
+fn sync_when_back(db: &ClusterDatabase) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match db.sync() {
+            Ok(()) => return,
+            Err(err) if err.code() == ErrorCode::Unavailable && Instant::now() < deadline => {}
+            Err(err) => panic!("sync after the member came back: {err}"),
+        }
+    }
+}
+
+#[test]
+fn a_wiped_and_restarted_cluster_is_detected_and_the_replica_reloaded() {
+    let mut cluster = EtcdCluster::start(1);
+    let url = cluster.url("app");
+    let db = ClusterDatabase::open(&url, options()).unwrap();
+    let map = db.map_store("t", &MapOptions::default()).unwrap();
+    // Enough revisions that the fresh cluster's stay below them for the whole test.
+    for i in 0..40 {
+        map.lock(&format!("k{i}"), LockMode::New, None)
+            .unwrap()
+            .commit(rec("old"))
+            .unwrap();
+    }
+    let held = map.lock("held", LockMode::Any, None).unwrap();
+    assert_eq!(value_of(map.get("k0").unwrap()).as_deref(), Some("old"));
+    let reloads = db.replica_stats().reloads;
+
+    cluster.wipe_and_restart(0);
+    sync_when_back(&db);
+
+    // The replica is the new cluster's: none of the old keys.
+    assert_eq!(map.get("k0").unwrap(), None);
+    assert_eq!(map.snapshot().unwrap().len(), 0);
+    assert!(db.replica_stats().reloads > reloads);
+    // The lock held in the old cluster is lost.
+    let err = held.commit(rec("late")).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::LockLost, "{err}");
+    // The format record is there again.
+    let (rt, mut client) = raw_client(&cluster);
+    let format = rt.block_on(client.get("/app/meta/format", None)).unwrap();
+    assert_eq!(
+        format.kvs().first().map(|kv| kv.value().to_vec()),
+        Some(b"1".to_vec())
+    );
+    // New locks and commits work, and another process sees them.
+    // The old session's lease went with the old cluster: a lock waits for the new lease, which
+    // the session's keep-alive task grants once its current wait on the old one ends (up to the
+    // session TTL; a lock gives up after the request timeout with Unavailable, so ask again).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        match map.lock("k0", LockMode::New, None) {
+            Ok(guard) => break guard,
+            Err(err) if err.code() == ErrorCode::Unavailable && Instant::now() < deadline => {}
+            Err(err) => panic!("a lock after the replacement: {err}"),
+        }
+    };
+    first.commit(rec("new")).unwrap();
+    map.lock("held", LockMode::Any, None)
+        .unwrap()
+        .commit(rec("again"))
+        .unwrap();
+    assert_eq!(value_of(map.get("k0").unwrap()).as_deref(), Some("new"));
+    let other = ClusterDatabase::open_unshared(&url, options()).unwrap();
+    let seen = other.map_store("t", &MapOptions::default()).unwrap();
+    assert_eq!(
+        value_of(seen.get("held").unwrap()).as_deref(),
+        Some("again")
+    );
+    assert_eq!(seen.snapshot().unwrap().len(), 2);
+    db.sync().unwrap();
+    assert_eq!(map.snapshot().unwrap().len(), 2);
+    other.close().unwrap();
+    db.close().unwrap();
 }
 
 fn refused(cluster: &EtcdCluster, prefix: &str, other: &str) {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 
@@ -71,6 +71,9 @@ pub(crate) struct Core {
     pub locker: TxnBatcher,
     pub stats: Arc<CommitStats>,
     closed: AtomicBool,
+    /// Why the store may no longer be used (see [`Core::refuse`]).
+    refused: Mutex<Option<Error>>,
+    me: Weak<Core>,
 }
 
 impl Core {
@@ -96,8 +99,10 @@ impl Core {
             Err(err) => Some(err),
         };
         if let Some(err) = refused {
+            // Before the session's close, which closes the connection.
+            let err = undo(err).await;
             session.close().await;
-            return Err(undo(err).await);
+            return Err(err);
         }
         let stats = Arc::new(CommitStats::default());
         let core = Arc::new_cyclic(|weak| Core {
@@ -111,19 +116,82 @@ impl Core {
             tables: Mutex::default(),
             stats,
             closed: AtomicBool::new(false),
+            refused: Mutex::default(),
+            me: weak.clone(),
         });
         runtime().spawn(session.keep_alive());
         let weak = Arc::downgrade(&core);
-        runtime().spawn(replica.run(cluster, move |deleted| {
-            if let Some(core) = weak.upgrade() {
-                core.lock_keys_deleted(deleted);
-            }
-        }));
+        let replaced = weak.clone();
+        runtime().spawn(replica.run(
+            cluster,
+            move |deleted| {
+                if let Some(core) = weak.upgrade() {
+                    core.lock_keys_deleted(deleted);
+                }
+            },
+            move || {
+                let core = replaced.upgrade();
+                async move {
+                    if let Some(core) = core {
+                        core.cluster_replaced().await;
+                    }
+                }
+            },
+        ));
         Ok(core)
     }
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+
+    /// The replica found the cluster replaced (wiped and started afresh, or another cluster)
+    /// and read it again; it reported this process's lock keys that are gone (their locks are
+    /// lost). The session's lease went with the old cluster: lost too, so that later locks
+    /// take a new one. The format record is checked again: recorded anew in an empty cluster,
+    /// or the store refused (see [`Core::refused`]) when the new cluster holds an incompatible
+    /// layout or another store around this one.
+    async fn cluster_replaced(&self) {
+        if let Some(lease) = self.session.current() {
+            let mut client = self.cluster.lease.clone();
+            let alive =
+                tokio::time::timeout(self.cluster.timeout, client.time_to_live(lease.id, None))
+                    .await;
+            match alive {
+                Ok(Ok(answer)) if answer.ttl() > 0 => {}
+                Ok(Ok(_)) => self.session.lost(lease.id),
+                Ok(Err(err)) if err.to_string().contains("not found") => {
+                    self.session.lost(lease.id)
+                }
+                // Unknown: the keep-alive finds out.
+                _ => self.session.check_now(),
+            }
+        }
+        match check_format(&self.cluster, &self.layout, &self.url).await {
+            Ok(_) => {}
+            // Not known either way; the next open checks it.
+            Err(Error::Unavailable { .. }) => {}
+            Err(err) => self.refuse(err),
+        }
+    }
+
+    /// The cluster under the store changed into one it may not use: every later call that
+    /// reaches the cluster fails with `err`, commits with StoreClosed; the replica stops.
+    fn refuse(&self, err: Error) {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+        self.closed.store(true, Ordering::SeqCst);
+        self.replica.close();
+        if let Some(core) = self.me.upgrade() {
+            runtime().spawn(async move { core.commits.stop().await });
+        }
+    }
+
+    /// Set once the store was refused after the cluster changed under it.
+    pub fn refused(&self) -> Result<()> {
+        match &*self.refused.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(err) => Err(err.clone()),
+            None => Ok(()),
+        }
     }
 
     fn lock_keys_deleted(&self, deleted: Vec<super::replica::LockDeleted>) {
@@ -150,6 +218,7 @@ impl Core {
 
     /// The table's state, recording its codec in the cluster on first use.
     pub async fn table(&self, name: &str, options: &MapOptions) -> Result<Arc<TableState>> {
+        self.refused()?;
         if let Some(table) = self.tables().get(name) {
             if table.codec != options.codec {
                 return Err(Error::CodecMismatch {
@@ -235,6 +304,7 @@ impl Core {
 
     /// The maps recorded under the prefix, with their codecs.
     pub async fn list_tables(&self) -> Result<Vec<(String, String)>> {
+        self.refused()?;
         let prefix = self.layout.codec_prefix();
         let answer = self
             .cluster
@@ -261,8 +331,14 @@ impl Core {
 
     /// A write that every replica sees: once the replica has it, it has everything committed
     /// anywhere before. Returns its revision.
+    ///
+    /// Its answer's revision below the replica's (or another cluster id) means the cluster was
+    /// replaced under the process: then it returns once the replica has checked that with a
+    /// linearizable read and, if so, read the new cluster (see [`Replica::recheck`]).
     pub async fn barrier_revision(&self) -> Result<i64> {
+        self.refused()?;
         let key = format!("{}meta/sync", self.layout.root());
+        let floor = self.replica.revision();
         let answer = self
             .cluster
             .call("syncing with the cluster", Effect::Nothing, || {
@@ -272,6 +348,22 @@ impl Core {
             })
             .await?;
         let revision = answer.header().map_or(0, |h| h.revision());
+        if self.replica.suspicious(answer.header(), floor) {
+            match tokio::time::timeout(self.cluster.timeout, self.replica.recheck()).await {
+                Ok(checked) => checked?,
+                Err(_) => {
+                    return Err(Error::Unavailable {
+                        message: format!(
+                            "etcd answered with revision {revision}, below the replica's \
+                             {floor} (the cluster was wiped or replaced?), and the replica did \
+                             not check it within {:?}",
+                            self.cluster.timeout
+                        ),
+                    })
+                }
+            }
+            self.refused()?;
+        }
         self.replica.saw_revision(revision);
         Ok(revision)
     }
@@ -319,6 +411,7 @@ impl Core {
     /// failures the prefix is read in one request (one answer cannot be broken by a
     /// compaction; it costs one large response instead of pages).
     pub async fn snapshot_all(&self) -> Result<(i64, Vec<NamedSnapshot>)> {
+        self.refused()?;
         let root = self.layout.root().as_bytes().to_vec();
         let codec_prefix = self.layout.codec_prefix();
         let mut tries = 0;

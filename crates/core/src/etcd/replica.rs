@@ -8,13 +8,22 @@
 //! an older event still in flight cannot undo it. A watch whose start revision was compacted
 //! away is answered by reading the prefix again; a broken watch stream (a member gone) is
 //! opened again from the last revision seen + 1.
+//!
+//! A cluster replaced under the process (wiped and started afresh, restored, another cluster on
+//! the same endpoints) shows as another cluster id in an answer's header, or a revision below
+//! one the replica had already applied (a watch reporting less than it started after, a sync's
+//! write answered below the replica's revision). A linearizable read confirms it; then the
+//! prefix is read again as after a compaction, except that nothing applied ahead is kept (its
+//! revisions were the old cluster's), every lock key the replica held that is gone is reported
+//! deleted (their locks lost), the core's `replaced` hook runs (the session's lease is lost,
+//! the format record checked again) and every wait wakes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use etcd_client::{EventType, WatchOptions};
+use etcd_client::{EventType, ResponseHeader, WatchOptions};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
@@ -103,6 +112,11 @@ pub(crate) struct Replica {
     seen: AtomicI64,
     connected: AtomicBool,
     reloads: AtomicU64,
+    /// The cluster id of the answers (0 until the first), to tell another cluster.
+    cluster_id: AtomicU64,
+    /// Checks of the cluster asked for ([`Replica::recheck`]), and those done.
+    recheck: watch::Sender<u64>,
+    rechecked: watch::Sender<u64>,
     /// Test hook: the watch is dropped and not reopened while set.
     paused: watch::Sender<bool>,
     /// How many lock waits were registered so far (for tests).
@@ -122,6 +136,9 @@ impl Replica {
             seen: AtomicI64::new(0),
             connected: AtomicBool::new(false),
             reloads: AtomicU64::new(0),
+            cluster_id: AtomicU64::new(0),
+            recheck: watch::channel(0).0,
+            rechecked: watch::channel(0).0,
             paused: watch::channel(false).0,
             lock_waits: watch::channel(0).0,
             closed: watch::channel(false).0,
@@ -194,6 +211,20 @@ impl Replica {
     /// applied ahead of that revision). The caller wakes the waits. Returns the root of a store
     /// found nested inside this prefix, if any (see [`super::layout::nested_root`]).
     pub async fn load(&self, cluster: &Cluster) -> Result<Option<String>> {
+        Ok(self.load_as(cluster, false).await?.0)
+    }
+
+    /// As [`Replica::load`]; also returns every lock key the replica held
+    /// that the new read lacks (deleted meanwhile, at the read's revision). `replaced`: the
+    /// cluster is another one (wiped, restored, replaced) than the one the replica was read
+    /// from, whose revisions mean nothing here: nothing applied ahead is kept, the newest
+    /// revision seen starts again from the read's, and the lock keys gone are reported at
+    /// revision `i64::MAX` (their fences are the old cluster's revisions).
+    async fn load_as(
+        &self,
+        cluster: &Cluster,
+        replaced: bool,
+    ) -> Result<(Option<String>, Vec<LockDeleted>)> {
         let root = self.layout.root().as_bytes().to_vec();
         let mut tables: HashMap<String, Snapshot> = HashMap::new();
         let mut lock_keys = HashMap::new();
@@ -217,22 +248,72 @@ impl Replica {
                 }
             })
             .await?;
-        self.saw_revision(revision);
+        if replaced {
+            self.seen.store(revision, Ordering::SeqCst);
+        } else {
+            self.saw_revision(revision);
+        }
+        let gone_at = if replaced { i64::MAX } else { revision };
+        let mut gone = Vec::new();
         {
             let mut state = self.write();
             let old = std::mem::take(&mut *state);
             state.revision = revision;
             state.tables = tables;
             state.lock_keys = lock_keys;
+            for (key, created) in &old.lock_keys {
+                if state.lock_keys.get(key) == Some(created) {
+                    continue;
+                }
+                if let Parsed::Lock { table, key, lease } = self.layout.parse(key) {
+                    gone.push((table, key, lease, gone_at));
+                }
+            }
             for ((table, key), at) in old.ahead {
-                if at > revision {
+                if at > revision && !replaced {
                     let value = old.tables.get(&table).and_then(|t| t.get(&key)).cloned();
                     state.set(&table, &key, value);
                     state.ahead.insert((table, key), at);
                 }
             }
         }
-        Ok(nested)
+        Ok((nested, gone))
+    }
+
+    /// Whether an answer's header shows another cluster than the one the replica was read
+    /// from: another cluster id, or a revision below `floor` (a revision the replica had
+    /// applied before the request was sent; a cluster's revisions never go back). Suspicious
+    /// only: [`Replica::recheck`] confirms with a linearizable read.
+    pub fn suspicious(&self, header: Option<&ResponseHeader>, floor: i64) -> bool {
+        let Some(header) = header else {
+            return false;
+        };
+        let id = header.cluster_id();
+        let known =
+            match self
+                .cluster_id
+                .compare_exchange(0, id, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => id,
+                Err(known) => known,
+            };
+        (id != 0 && known != id) || header.revision() < floor
+    }
+
+    /// Has the replica's task check (with a linearizable read) whether the cluster is still
+    /// the one it was read from, and reload it if not; resolves once that check is done.
+    pub async fn recheck(&self) -> Result<()> {
+        let mut asked = 0;
+        self.recheck.send_modify(|n| {
+            *n += 1;
+            asked = *n;
+        });
+        let mut done = self.rechecked.subscribe();
+        let mut closed = self.closed.subscribe();
+        tokio::select! {
+            r = done.wait_for(|n| *n >= asked) => r.map(|_| ()).map_err(|_| Error::StoreClosed),
+            _ = closed.wait_for(|c| *c) => Err(Error::StoreClosed),
+        }
     }
 
     /// Applies one watch answer; returns the lock keys it saw deleted.
@@ -355,12 +436,72 @@ impl Replica {
         self.closed.send_replace(true);
     }
 
-    /// Feeds the replica until closed. `deleted` hears of every lock key seen deleted.
-    pub async fn run(self: Arc<Replica>, cluster: Cluster, deleted: impl Fn(Vec<LockDeleted>)) {
+    /// Wakes every wait: after the cluster was found replaced, the revisions they wait for
+    /// were the old cluster's (the replica now holds all of the new one as of its read), and
+    /// the lock keys waited on are gone with the old cluster.
+    fn wake_all(&self) {
+        let woken: Vec<oneshot::Sender<()>> = {
+            let mut waits = self.waits();
+            let revision = std::mem::take(&mut waits.revision);
+            let locks = std::mem::take(&mut waits.lock_gone);
+            revision
+                .into_iter()
+                .map(|(_, tx)| tx)
+                .chain(locks.into_iter().map(|(_, _, _, tx)| tx))
+                .collect()
+        };
+        for tx in woken {
+            let _ = tx.send(());
+        }
+    }
+
+    /// A linearizable read: whether the cluster is another than the one the replica holds
+    /// (another cluster id, or a revision below the replica's).
+    async fn is_replaced(&self, cluster: &Cluster) -> Result<bool> {
+        let key = format!("{}meta/format", self.layout.root());
+        let answer = cluster
+            .call(
+                "checking the cluster",
+                super::client::Effect::Nothing,
+                || {
+                    let mut kv = cluster.kv.clone();
+                    let key = key.clone();
+                    async move { kv.get(key, None).await }
+                },
+            )
+            .await?;
+        let Some(header) = answer.header() else {
+            return Ok(false);
+        };
+        let known = self.cluster_id.load(Ordering::SeqCst);
+        let replaced = (header.cluster_id() != 0 && known != 0 && header.cluster_id() != known)
+            || header.revision() < self.revision();
+        if replaced {
+            self.cluster_id.store(header.cluster_id(), Ordering::SeqCst);
+        }
+        Ok(replaced)
+    }
+
+    /// Feeds the replica until closed. `deleted` hears of every lock key seen deleted (also of
+    /// those gone from a read of the whole prefix); `replaced` runs once the replica found the
+    /// cluster replaced (wiped and started afresh, or another one) and read it again, before
+    /// any wait wakes.
+    pub async fn run<R, F>(
+        self: Arc<Replica>,
+        cluster: Cluster,
+        deleted: impl Fn(Vec<LockDeleted>),
+        replaced: R,
+    ) where
+        R: Fn() -> F,
+        F: std::future::Future<Output = ()>,
+    {
         let mut closed = self.closed.subscribe();
         let mut paused = self.paused.subscribe();
+        let mut rechecks = self.recheck.subscribe();
         let mut pause = Duration::from_millis(50);
         let mut reload = false;
+        // A check of the cluster is due (asked for, or the watch's answers were suspicious).
+        let mut check = false;
         while !*closed.borrow() {
             if *paused.borrow() {
                 self.connected.store(false, Ordering::Relaxed);
@@ -369,9 +510,57 @@ impl Replica {
                     _ = closed.wait_for(|c| *c) => return,
                 }
             }
+            if check || rechecks.has_changed().unwrap_or(false) {
+                let asked = *rechecks.borrow_and_update();
+                match self.is_replaced(&cluster).await {
+                    Ok(false) => {}
+                    Ok(true) => match self.load_as(&cluster, true).await {
+                        Ok((_, gone)) => {
+                            self.watchers.fail_all(&Error::WatchOverflow {
+                                message: concat!(
+                                    "the watch missed changes: the etcd cluster was replaced ",
+                                    "(wiped and started afresh, or another cluster) and the ",
+                                    "store's replica read it again; read the map again and ",
+                                    "watch anew"
+                                )
+                                .into(),
+                            });
+                            self.reloads.fetch_add(1, Ordering::Relaxed);
+                            reload = false;
+                            if !gone.is_empty() {
+                                deleted(gone);
+                            }
+                            replaced().await;
+                            self.wake_all();
+                            self.wake();
+                        }
+                        Err(_) => {
+                            check = true;
+                            tokio::select! {
+                                _ = tokio::time::sleep(pause) => {}
+                                _ = closed.wait_for(|c| *c) => return,
+                            }
+                            pause = (pause * 2).min(Duration::from_secs(1));
+                            continue;
+                        }
+                    },
+                    Err(_) => {
+                        // The cluster is away: check again when it answers.
+                        check = true;
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            _ = closed.wait_for(|c| *c) => return,
+                        }
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                }
+                check = false;
+                self.rechecked.send_modify(|n| *n = (*n).max(asked));
+            }
             if reload {
-                match self.load(&cluster).await {
-                    Ok(_) => {
+                match self.load_as(&cluster, false).await {
+                    Ok((_, gone)) => {
                         // What changed between the compacted revision and now cannot be
                         // replayed: the watches end rather than skip it silently.
                         self.watchers.fail_all(&Error::WatchOverflow {
@@ -383,6 +572,9 @@ impl Replica {
                             .into(),
                         });
                         self.reloads.fetch_add(1, Ordering::Relaxed);
+                        if !gone.is_empty() {
+                            deleted(gone);
+                        }
                         self.wake();
                         reload = false;
                     }
@@ -416,6 +608,10 @@ impl Replica {
                     m = stream.message() => m,
                     _ = paused.wait_for(|p| *p) => break,
                     _ = closed.wait_for(|c| *c) => return,
+                    _ = rechecks.changed() => {
+                        check = true;
+                        break;
+                    }
                 };
                 let answer = match message {
                     Ok(Some(answer)) => answer,
@@ -426,6 +622,12 @@ impl Replica {
                     {
                         reload = true;
                     }
+                    break;
+                }
+                // Every revision this watch reports is at least the one it started after: a
+                // lower one (or another cluster id) is a cluster that went back.
+                if self.suspicious(answer.header(), from - 1) {
+                    check = true;
                     break;
                 }
                 if answer.created() {
@@ -444,10 +646,11 @@ impl Replica {
                 }
             }
             self.connected.store(false, Ordering::Relaxed);
-            if !reload {
+            if !reload && !check {
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = closed.wait_for(|c| *c) => return,
+                    _ = rechecks.changed() => check = true,
                 }
                 pause = (pause * 2).min(Duration::from_secs(1));
             }

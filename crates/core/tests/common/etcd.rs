@@ -345,6 +345,27 @@ impl EtcdCluster {
         }
     }
 
+    /// Kills member `i` of a one-member cluster, removes its data directory and starts a fresh
+    /// member on the same ports with the same flags: a new, empty cluster where the old one was
+    /// (revisions start again from 1). Returns once it serves clients.
+    pub fn wipe_and_restart(&mut self, i: usize) {
+        assert_eq!(
+            self.members.len(),
+            1,
+            "only a one-member cluster can be wiped alone"
+        );
+        let data = self.dir.path().join(&self.members[i].name);
+        let m = &mut self.members[i];
+        m.kill();
+        std::fs::remove_dir_all(&data).expect("remove the member's data directory");
+        let result = m
+            .spawn(&["--initial-cluster-state=new"])
+            .and_then(|rx| m.wait_ready(rx, Instant::now() + READY_TIMEOUT));
+        if let Err(why) = result {
+            panic!("{}", m.describe(&why));
+        }
+    }
+
     /// Index of the leader that the live members agree on (asks `etcdctl endpoint status`; while
     /// an election is on, asks again every 100 ms for up to 10 s).
     pub fn leader(&mut self) -> usize {
