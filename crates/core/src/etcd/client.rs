@@ -287,13 +287,20 @@ impl Service<HttpRequest> for Router {
     }
 }
 
-/// How often an open connection with requests or streams on it is pinged when nothing else
-/// arrives, and how long the answer may take: a member that stopped answering (a stopped
-/// process, a dead host) is dropped after about twice this, well within the request timeout.
-/// (etcd enforces no minimum ping interval while it sends data on the connection; the session's
-/// keep-alives do.)
-fn ping_interval(timeout: Duration) -> Duration {
+/// How long a ping's answer may take: a member that stopped answering (a stopped process, a
+/// dead host) is dropped this long after a ping, well within the request timeout.
+fn ping_timeout(timeout: Duration) -> Duration {
     (timeout / 5).clamp(Duration::from_millis(200), Duration::from_secs(2))
+}
+
+/// How often an open connection with requests or streams on it is pinged when nothing else
+/// arrives. etcd counts a ping less than 5 s after the last one as a strike unless it sent data
+/// in between, and closes the connection ("too many pings") at the third: the session's
+/// keep-alive answers (every TTL/3) are the data of an idle store, so at most three pings may
+/// fall between two of them. At least the ping timeout, and TTL/10.
+fn ping_interval(timeout: Duration, session_ttl: Duration) -> Duration {
+    let ttl = Duration::from_secs(session_ttl.as_millis().div_ceil(1000).max(1) as u64);
+    ping_timeout(timeout).max(ttl / 10)
 }
 
 /// The cluster client of one core.
@@ -309,7 +316,7 @@ pub(crate) struct Cluster {
 impl Cluster {
     pub async fn connect(url: &ClusterUrl, options: &ClusterOptions) -> Result<Cluster> {
         let timeout = options.request_timeout;
-        let ping = ping_interval(timeout);
+        let ping = ping_interval(timeout, options.session_ttl);
         let mut connect = ConnectOptions::new()
             .with_require_leader(true)
             .with_auto_token_refresh(true);
@@ -356,7 +363,7 @@ impl Cluster {
             let endpoint = endpoint
                 .connect_timeout(timeout.min(ping * 5))
                 .http2_keep_alive_interval(ping)
-                .keep_alive_timeout(ping)
+                .keep_alive_timeout(ping_timeout(timeout))
                 // Pings only while requests or streams are open: etcd answers pings on an idle
                 // connection with "too many pings" and closes it.
                 .keep_alive_while_idle(false);
@@ -449,11 +456,13 @@ impl Cluster {
                     last = detail;
                 }
                 Err(_) => {
+                    // The next call tries another member first.
+                    self.members.failed(member);
                     return Err(unavailable(
                         what,
                         effect,
                         &format!("no answer within {:?}; last: {last}", self.timeout),
-                    ))
+                    ));
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
