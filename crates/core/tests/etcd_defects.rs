@@ -229,3 +229,52 @@ fn a_panicking_commit_callback_does_not_stop_later_commits() {
     g.commit(rec("y")).unwrap();
     assert_eq!(map.get("a").unwrap().as_deref(), Some(rec("y").as_slice()));
 }
+
+/// A refused commit (one entry twice in a join) whose first callback panics: the other callback
+/// still hears the refusal, and the commit is not left counted in flight (close waited for it
+/// forever).
+#[test]
+fn a_panicking_callback_of_a_refused_commit_does_not_hang_close() {
+    use kvstore_core::etcd::ClusterCommit;
+    let cluster = EtcdCluster::start(1);
+    let db = open_other(&cluster, "refused-panic");
+    let map = db.map_store("m", &MapOptions::default()).unwrap();
+    let g = map.lock("a", LockMode::Any, None).unwrap();
+    let prepare = |done: kvstore_core::CommitCallback| {
+        map.prepare_commit(
+            "a",
+            g.token(),
+            kvstore_core::Change::Put(rec("x").into()),
+            Default::default(),
+            done,
+        )
+        .unwrap()
+    };
+    let (tx, rx) = mpsc::channel();
+    let joined = ClusterCommit::join(vec![
+        prepare(Box::new(|_| panic!("a caller's callback panics"))),
+        prepare(Box::new(move |r| {
+            let _ = tx.send(r);
+        })),
+    ]);
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.submit(vec![joined])));
+    std::panic::set_hook(quiet);
+    // Closed on a thread of its own, which keeps the handle if the close hangs.
+    let (closed, closed_rx) = mpsc::channel();
+    let closer = db.clone();
+    std::thread::spawn(move || {
+        closer.close().unwrap();
+        let _ = closed.send(());
+    });
+    let heard = rx.recv_timeout(Duration::from_secs(30));
+    let close = closed_rx.recv_timeout(Duration::from_secs(30));
+    assert_eq!(
+        heard.ok().map(|r| r.unwrap_err().code()),
+        Some(kvstore_core::ErrorCode::InvalidArgument),
+        "the second callback never heard of its refused commit"
+    );
+    close.expect("close waited for a refused commit (counted in flight, never finished)");
+    drop(g);
+}

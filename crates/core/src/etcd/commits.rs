@@ -344,7 +344,7 @@ fn fail_released(commit: ClusterCommit) {
 }
 
 /// Hands a caller its outcome; a callback that panics does not take the committer down.
-fn tell(done: CommitCallback, outcome: Result<()>) {
+pub(crate) fn tell(done: CommitCallback, outcome: Result<()>) {
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(outcome)));
 }
 

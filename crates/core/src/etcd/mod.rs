@@ -294,8 +294,10 @@ impl ClusterDatabase {
                 commit.refused.take()
             };
             if let Some(err) = refused {
+                // A callback that panics neither skips the others nor leaves the commit
+                // counted (close would wait for it forever).
                 for done in commit.done.drain(..) {
-                    done(Err(err.clone()));
+                    commits::tell(done, Err(err.clone()));
                 }
                 self.handle.in_flight.finish();
                 continue;
