@@ -278,3 +278,76 @@ fn a_panicking_callback_of_a_refused_commit_does_not_hang_close() {
     close.expect("close waited for a refused commit (counted in flight, never finished)");
     drop(g);
 }
+
+/// A cancel that comes while a local grant is on its way to wait for the etcd lock (here: from
+/// the caller's make_waiter, the one caller code that runs in that gap) reaches the wait; it
+/// was lost (cancel_wait said "granted", and the grant came only once the etcd lock was taken).
+#[test]
+fn a_cancel_while_a_local_grant_goes_to_wait_for_etcd_is_not_lost() {
+    let cluster = EtcdCluster::start(1);
+    let db = open_other(&cluster, "cancel-gap");
+    let map = db.map_store("m", &MapOptions::default()).unwrap();
+    let ticket = 4242;
+    let (tx, rx) = mpsc::channel();
+    let (cancelled_tx, cancelled_rx) = mpsc::channel();
+    let canceller = map.clone();
+    let outcome = map
+        .acquire("k", ticket, move || {
+            cancelled_tx
+                .send(canceller.cancel_wait(ticket, kvstore_core::Error::Aborted))
+                .unwrap();
+            Ok(Box::new(move |r| {
+                let _ = tx.send(r);
+            }))
+        })
+        .unwrap();
+    assert!(matches!(outcome, kvstore_core::Acquire::Queued));
+    assert!(
+        cancelled_rx.recv().unwrap(),
+        "the cancel did not find the wait"
+    );
+    let heard = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        heard.map(|g| g.token).unwrap_err().code(),
+        kvstore_core::ErrorCode::Aborted
+    );
+    // Nothing is left held or waiting.
+    map.lock("k", LockMode::Any, Some(Duration::from_secs(30)))
+        .unwrap()
+        .release();
+    let stats = map.stats().unwrap();
+    assert_eq!((stats.locks_held, stats.locks_waiting), (0, 0));
+}
+
+/// A ticket still waiting (queued behind a local holder) is refused for a second wait, as the
+/// in-process lock table does: the second wait used to take over the first's cancel slot (a
+/// cancel of the first then found nothing once its grant was on its way).
+#[test]
+fn a_ticket_still_waiting_is_refused_for_another_wait() {
+    let cluster = EtcdCluster::start(1);
+    let db = open_other(&cluster, "ticket-reuse");
+    let map = db.map_store("m", &MapOptions::default()).unwrap();
+    let held = map.lock("a", LockMode::Any, None).unwrap();
+    let ticket = 77;
+    let (tx, rx) = mpsc::channel();
+    let first = map
+        .acquire("a", ticket, move || {
+            Ok(Box::new(move |r| {
+                let _ = tx.send(r);
+            }))
+        })
+        .unwrap();
+    assert!(matches!(first, kvstore_core::Acquire::Queued));
+    // "b" is free here but not yet locked in etcd: this wait would queue under the same ticket.
+    let second = map.acquire("b", ticket, || Ok(Box::new(|_| {})));
+    assert_eq!(
+        second.err().map(|e| e.code()),
+        Some(kvstore_core::ErrorCode::InvalidArgument)
+    );
+    // The first wait is intact: released to it, it is granted.
+    held.release();
+    let grant = rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
+    map.release("a", grant.token).unwrap();
+    let stats = map.stats().unwrap();
+    assert_eq!((stats.locks_held, stats.locks_waiting), (0, 0));
+}

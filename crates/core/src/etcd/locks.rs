@@ -64,8 +64,9 @@ struct State {
     keys: HashMap<String, KeyEntry>,
     /// (owner, ticket) of each pending waiter → its key.
     pending: HashMap<(OwnerId, u64), String>,
-    /// Waiters queued locally whose callback has not run yet, with the reason they were
-    /// cancelled while their local grant was on its way (so the cancel is not lost).
+    /// Waits not parked in `pending` yet (queued locally, or granted locally and on their way
+    /// to [`park`]), with the reason they were cancelled while their local grant was on its
+    /// way (so the cancel is not lost).
     queued: HashMap<(OwnerId, u64), Option<Error>>,
 }
 
@@ -99,15 +100,13 @@ impl KeyLocks {
 
     /// The live etcd lock of `key`, if this process holds it.
     fn held(&self, core: &Core, key: &str) -> Option<EtcdKey> {
-        let state = self.state();
-        let etcd = state.keys.get(key)?.etcd.as_ref()?;
-        (etcd.owner && core.session.is_live(etcd.lease)).then(|| etcd.clone())
+        held_in(&self.state(), core, key).cloned()
     }
 
     /// Whether the process's etcd lock of `key` may be handed to another local holder: held,
     /// and not in doubt after a commit of unknown outcome.
     fn grantable(&self, core: &Core, key: &str) -> bool {
-        self.held(core, key).is_some_and(|e| !e.doubtful)
+        held_in(&self.state(), core, key).is_some_and(|e| !e.doubtful)
     }
 
     /// A commit under `etcd` ended with an unknown outcome: rotate the key before the next
@@ -188,6 +187,12 @@ impl KeyLocks {
     }
 }
 
+/// The live etcd lock of `key` in `state`, if this process holds it.
+fn held_in<'a>(state: &'a State, core: &Core, key: &str) -> Option<&'a EtcdKey> {
+    let etcd = state.keys.get(key)?.etcd.as_ref()?;
+    (etcd.owner && core.session.is_live(etcd.lease)).then_some(etcd)
+}
+
 /// Asks for `key`'s lock for `owner`. See [`super::ClusterMap::acquire`].
 pub(crate) fn acquire(
     core: &Arc<Core>,
@@ -197,12 +202,30 @@ pub(crate) fn acquire(
     ticket: u64,
     make_waiter: impl FnOnce() -> Result<GrantCallback>,
 ) -> Result<Acquire> {
+    let id = (owner, ticket);
     let mut make = Some(make_waiter);
     let weak = Arc::downgrade(core);
     // Registered before queueing (never under the local table's lock: the driver takes the
-    // two the other way round); dropped again when granted at once.
-    table.locks.state().queued.insert((owner, ticket), None);
+    // two the other way round), and kept until the wait is parked for the etcd lock or
+    // granted ([`park`]), so a cancel always finds it. A ticket still waiting (queued here, on
+    // its way, or parked) is not registered again: such a wait is refused below.
+    let reused = {
+        let mut state = table.locks.state();
+        let reused = state.queued.contains_key(&id) || state.pending.contains_key(&id);
+        if !reused {
+            state.queued.insert(id, None);
+        }
+        reused
+    };
+    let forget = || {
+        if !reused {
+            table.locks.state().queued.remove(&id);
+        }
+    };
     let outcome = table.locks.local.acquire(key, owner, ticket, || {
+        if reused {
+            return Err(ticket_in_use(ticket));
+        }
         let notify = shielded((make.take().expect("called once"))()?);
         Ok(local_waiter(
             weak.clone(),
@@ -215,27 +238,30 @@ pub(crate) fn acquire(
     });
     let grant = match outcome {
         Ok(Acquire::Queued) => return Ok(Acquire::Queued),
-        Ok(Acquire::Granted(grant)) => {
-            table.locks.state().queued.remove(&(owner, ticket));
-            grant
-        }
+        Ok(Acquire::Granted(grant)) => grant,
         Err(err) => {
-            table.locks.state().queued.remove(&(owner, ticket));
+            forget();
             return Err(err);
         }
     };
     if table.locks.grantable(core, key) {
         // The etcd key is still ours (released a moment ago, not deleted yet): no round trip.
+        forget();
         return Ok(Acquire::Granted(grant));
     }
-    let notify = match (make.take().expect("not used by a free key"))() {
+    let made = match reused {
+        true => Err(ticket_in_use(ticket)),
+        false => (make.take().expect("not used by a free key"))(),
+    };
+    let notify = match made {
         Ok(notify) => shielded(notify),
         Err(err) => {
+            forget();
             let _ = release(core, table, key, grant.token, false);
             return Err(err);
         }
     };
-    wait_for_etcd(
+    park(
         core,
         table,
         key,
@@ -247,6 +273,12 @@ pub(crate) fn acquire(
         },
     );
     Ok(Acquire::Queued)
+}
+
+fn ticket_in_use(ticket: u64) -> Error {
+    Error::invalid(format!(
+        "lock-wait ticket {ticket} is still waiting; tickets must be unique"
+    ))
 }
 
 /// A caller's callback that may panic without taking down the key's driver (which would leave
@@ -269,29 +301,19 @@ fn local_waiter(
 ) -> GrantCallback {
     let key = key.to_string();
     Box::new(move |outcome| {
-        let cancelled = table
-            .locks
-            .state()
-            .queued
-            .remove(&(owner, ticket))
-            .flatten();
         let grant = match outcome {
             Ok(grant) => grant,
-            Err(err) => return notify(Err(err)),
+            Err(err) => {
+                table.locks.state().queued.remove(&(owner, ticket));
+                return notify(Err(err));
+            }
         };
         let Some(core) = core.upgrade() else {
+            table.locks.state().queued.remove(&(owner, ticket));
             let _ = table.locks.local.release(&key, grant.token, false);
             return notify(Err(Error::StoreClosed));
         };
-        if let Some(reason) = cancelled {
-            // Cancelled (timeout, abort, close) while the grant was on its way.
-            let _ = release(&core, &table, &key, grant.token, false);
-            return notify(Err(reason));
-        }
-        if table.locks.grantable(&core, &key) {
-            return notify(Ok(grant));
-        }
-        wait_for_etcd(
+        park(
             &core,
             &table,
             &key,
@@ -305,35 +327,64 @@ fn local_waiter(
     })
 }
 
-/// Parks a local grant until the driver holds the etcd lock.
-fn wait_for_etcd(core: &Arc<Core>, table: &Arc<TableState>, key: &str, pending: Pending) {
-    let stale = {
-        let mut state = table.locks.state();
-        let entry = state.keys.entry(key.to_string()).or_default();
-        // One local holder at a time: a pending grant already here is stale (its token was
-        // released, e.g. its handle closed) unless it still holds the key, and then the new
-        // one is.
-        let (keep, stale) = match entry.pending.take() {
-            Some(old) if table.locks.local.holds(key, old.grant.token) => (old, Some(pending)),
-            old => (pending, old),
-        };
-        let id = (keep.owner, keep.ticket);
-        entry.pending = Some(keep);
-        state.pending.insert(id, key.to_string());
-        if let Some(stale) = &stale {
-            if (stale.owner, stale.ticket) != id {
-                state.pending.remove(&(stale.owner, stale.ticket));
-            }
-        }
-        stale
-    };
-    if let Some(stale) = stale {
-        if table.locks.local.holds(key, stale.grant.token) {
-            let _ = table.locks.local.release(key, stale.grant.token, false);
-        }
-        (stale.notify)(Err(Error::StoreClosed));
+/// A local grant on its way to its caller: rejected if the wait was cancelled meanwhile (the
+/// grant released), handed over now if the process holds the key's etcd lock (not in doubt),
+/// else parked until the driver holds it. Taking the wait out of `queued` and parking it in
+/// `pending` is one step under the state's mutex, so a cancel finds it in one or the other.
+fn park(core: &Arc<Core>, table: &Arc<TableState>, key: &str, pending: Pending) {
+    enum Next {
+        Cancelled(Pending, Error),
+        Grant(Pending),
+        Parked(Option<Pending>),
     }
-    poke(core, table, key);
+    let id = (pending.owner, pending.ticket);
+    let next = {
+        let mut state = table.locks.state();
+        match state.queued.remove(&id).flatten() {
+            Some(reason) => Next::Cancelled(pending, reason),
+            None if held_in(&state, core, key).is_some_and(|e| !e.doubtful) => Next::Grant(pending),
+            None => Next::Parked(register(&mut state, table, key, pending)),
+        }
+    };
+    match next {
+        Next::Cancelled(pending, reason) => {
+            // Cancelled (timeout, abort, close) while the grant was on its way.
+            let _ = release(core, table, key, pending.grant.token, false);
+            (pending.notify)(Err(reason));
+        }
+        Next::Grant(pending) => (pending.notify)(Ok(pending.grant)),
+        Next::Parked(stale) => {
+            if let Some(stale) = stale {
+                if table.locks.local.holds(key, stale.grant.token) {
+                    let _ = table.locks.local.release(key, stale.grant.token, false);
+                }
+                (stale.notify)(Err(Error::StoreClosed));
+            }
+            poke(core, table, key);
+        }
+    }
+}
+
+/// Parks a local grant until the driver holds the etcd lock; returns a stale pending grant it
+/// replaced, to be told.
+fn register(state: &mut State, table: &TableState, key: &str, pending: Pending) -> Option<Pending> {
+    let entry = state.keys.entry(key.to_string()).or_default();
+    // One local holder at a time: a pending grant already here is stale (its token was
+    // released, e.g. its handle closed) unless it still holds the key, and then the new
+    // one is.
+    let (keep, stale) = match entry.pending.take() {
+        Some(old) if table.locks.local.holds(key, old.grant.token) => (old, Some(pending)),
+        old => (pending, old),
+    };
+    let id = (keep.owner, keep.ticket);
+    entry.pending = Some(keep);
+    state.pending.insert(id, key.to_string());
+    if let Some(stale) = &stale {
+        if (stale.owner, stale.ticket) != id {
+            state.pending.remove(&(stale.owner, stale.ticket));
+        }
+    }
+    stale
 }
 
 /// Has the key's driver look at the key again (starting it if none runs).
