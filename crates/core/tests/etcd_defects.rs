@@ -351,3 +351,64 @@ fn a_ticket_still_waiting_is_refused_for_another_wait() {
     let stats = map.stats().unwrap();
     assert_eq!((stats.locks_held, stats.locks_waiting), (0, 0));
 }
+
+/// A handle closed on a thread of a tokio runtime (a Rust caller's async code, or a callback)
+/// cannot wait there for its commits in flight; its locks must still not pass to the next
+/// holder before those commits land (the next holder was handed the lock at once, under the
+/// same fence, with the record from before the write on its way).
+#[test]
+fn a_handle_closed_on_a_runtime_thread_hands_its_locks_on_after_its_commits_land() {
+    let mut cluster = EtcdCluster::start(1);
+    let url = cluster.url("close-rt");
+    let h1 = ClusterDatabase::open(&url, options()).unwrap();
+    let h2 = ClusterDatabase::open(&url, options()).unwrap();
+    let map1 = h1.map_store("m", &MapOptions::default()).unwrap();
+    let map2 = h2.map_store("m", &MapOptions::default()).unwrap();
+    let g1 = map1.lock("k", LockMode::Any, None).unwrap();
+    let token = g1.token();
+    std::mem::forget(g1);
+    let (events, order) = mpsc::channel();
+    let granted = events.clone();
+    let waiter_map = map2.clone();
+    let waiter = std::thread::spawn(move || {
+        let g = waiter_map
+            .lock("k", LockMode::Any, Some(Duration::from_secs(60)))
+            .unwrap();
+        granted
+            .send(("granted", g.record().map(<[u8]>::to_vec)))
+            .unwrap();
+        g.release();
+    });
+    wait_for_waiters(&map2, 1);
+    // The commit goes out while the cluster does not answer: it is in flight.
+    cluster.pause(0);
+    map1.commit(
+        "k",
+        token,
+        kvstore_core::Change::Put(rec("v1").into()),
+        Default::default(),
+        Box::new(move |r| {
+            events
+                .send(("committed", r.err().map(|e| e.to_string().into_bytes())))
+                .unwrap();
+        }),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async { h1.close().unwrap() });
+    cluster.resume(0);
+    let first = order.recv_timeout(Duration::from_secs(60)).unwrap();
+    let second = order.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        (first.0, second.0),
+        ("committed", "granted"),
+        "the lock passed on before the closed handle's commit landed"
+    );
+    assert_eq!(first.1, None, "the commit failed");
+    assert_eq!(second.1.as_deref(), Some(rec("v1").as_slice()));
+    waiter.join().unwrap();
+    drop(map2);
+    h2.close().unwrap();
+}

@@ -120,35 +120,51 @@ impl Handle {
         if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
-        let on_runtime = tokio::runtime::Handle::try_current().is_ok();
-        if !on_runtime {
+        self.core.replica.watchers.close_owner(self.owner);
+        let (core, owner, slot) = (self.core.clone(), self.owner, self.slot.clone());
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // This thread must not wait. The locks still go only once this handle's commits in
+            // flight have landed (else the next holder here would get a lock at once, under
+            // the same fence, while a write under it is still on its way): on a thread of the
+            // blocking pool.
+            let in_flight = self.in_flight.clone();
+            runtime().spawn_blocking(move || {
+                in_flight.wait();
+                release_handle(&core, owner, slot.as_deref(), true);
+            });
+        } else {
             // Commits submitted through this handle land before its locks go.
             self.in_flight.wait();
+            release_handle(&core, owner, slot.as_deref(), false);
         }
-        for table in self.core.all_tables() {
-            locks::release_owner(&self.core, &table, self.owner);
-        }
-        self.core.replica.watchers.close_owner(self.owner);
-        let last = match &self.slot {
-            None => true,
-            Some(slot) => {
-                let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-                slot.handles -= 1;
-                if slot.handles == 0 {
-                    slot.core = None;
-                    true
-                } else {
-                    false
-                }
-            }
-        };
-        if last {
-            let core = self.core.clone();
-            if on_runtime {
-                runtime().spawn(async move { core.shutdown().await });
+    }
+}
+
+/// The rest of a handle's close, once its commits have landed: its locks and waits go, and the
+/// last handle of the core shuts it down.
+fn release_handle(core: &Arc<Core>, owner: OwnerId, slot: Option<&Mutex<Slot>>, on_runtime: bool) {
+    for table in core.all_tables() {
+        locks::release_owner(core, &table, owner);
+    }
+    let last = match slot {
+        None => true,
+        Some(slot) => {
+            let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            slot.handles -= 1;
+            if slot.handles == 0 {
+                slot.core = None;
+                true
             } else {
-                runtime().block_on(core.shutdown());
+                false
             }
+        }
+    };
+    if last {
+        let core = core.clone();
+        if on_runtime {
+            runtime().spawn(async move { core.shutdown().await });
+        } else {
+            runtime().block_on(core.shutdown());
         }
     }
 }
@@ -264,7 +280,9 @@ impl ClusterDatabase {
 
     /// Waits for this handle's commits in flight, releases its locks and rejects its waiters
     /// (StoreClosed); the last handle of the core also gives back unused auto keys, revokes
-    /// the session lease and stops the core's tasks. Idempotent.
+    /// the session lease and stops the core's tasks. Idempotent. On a thread of a tokio
+    /// runtime it does not wait: the handle is closed at once, and its locks go (and the core
+    /// stops) once its commits in flight have landed.
     pub fn close(&self) -> Result<()> {
         self.handle.close();
         Ok(())
