@@ -412,3 +412,59 @@ fn a_handle_closed_on_a_runtime_thread_hands_its_locks_on_after_its_commits_land
     drop(map2);
     h2.close().unwrap();
 }
+
+/// A commit under a lock of one handle, submitted through another handle of the same core (a
+/// group commit may mix them): closing the lock's handle waits for it before handing the lock
+/// on (it was counted in flight only by the submitting handle, so the close released the lock
+/// at once, with the write under its fence still on its way).
+#[test]
+fn closing_a_handle_waits_for_a_commit_under_its_lock_submitted_through_another() {
+    let mut cluster = EtcdCluster::start(1);
+    let url = cluster.url("close-other");
+    let h1 = ClusterDatabase::open(&url, options()).unwrap();
+    let h2 = ClusterDatabase::open(&url, options()).unwrap();
+    let h3 = ClusterDatabase::open(&url, options()).unwrap();
+    let map2 = h2.map_store("m", &MapOptions::default()).unwrap();
+    let map3 = h3.map_store("m", &MapOptions::default()).unwrap();
+    let g2 = map2.lock("k", LockMode::Any, None).unwrap();
+    let token = g2.token();
+    std::mem::forget(g2);
+    let (events, order) = mpsc::channel();
+    let granted = events.clone();
+    let waiter = std::thread::spawn(move || {
+        let got = map3.lock("k", LockMode::Any, Some(Duration::from_secs(60)));
+        let _ = granted.send(("lock", got.is_ok()));
+        if let Ok(g) = got {
+            g.release();
+        }
+    });
+    wait_for_waiters(&map2, 1);
+    // Sent while the cluster does not answer: in flight until the request times out.
+    cluster.pause(0);
+    let commit = map2
+        .prepare_commit(
+            "k",
+            token,
+            kvstore_core::Change::Put(rec("v1").into()),
+            Default::default(),
+            Box::new(move |r| {
+                let _ = events.send(("commit", r.is_ok()));
+            }),
+        )
+        .unwrap();
+    h1.submit(vec![commit]);
+    let closer = h2.clone();
+    let closing = std::thread::spawn(move || closer.close().unwrap());
+    let first = order.recv_timeout(Duration::from_secs(60)).unwrap();
+    cluster.resume(0);
+    assert_eq!(
+        first.0, "commit",
+        "the lock passed on before the commit under it was settled"
+    );
+    order.recv_timeout(Duration::from_secs(60)).unwrap();
+    closing.join().unwrap();
+    waiter.join().unwrap();
+    drop(map2);
+    h1.close().unwrap();
+    h3.close().unwrap();
+}

@@ -10,7 +10,7 @@
 //! hear of it (read-your-writes).
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
@@ -44,14 +44,27 @@ pub(crate) struct CommitStats {
     pub lose_answers: AtomicU64,
 }
 
-/// Commits of one handle still on their way; its close waits for them.
+/// Commits of one handle still on their way (submitted through it, or under its locks); its
+/// close waits for them.
 #[derive(Default)]
 pub(crate) struct InFlight {
     count: Mutex<usize>,
     idle: Condvar,
+    /// The handle is closed: its locks are released (or about to be), commits under them or
+    /// through it are refused.
+    closed: AtomicBool,
 }
 
 impl InFlight {
+    /// Marks the handle closed; false if it was already.
+    pub fn close(&self) -> bool {
+        !self.closed.swap(true, Ordering::SeqCst)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
     pub fn start(&self, n: usize) {
         *self.count.lock().unwrap_or_else(|p| p.into_inner()) += n;
     }
@@ -103,7 +116,9 @@ impl Write {
 pub struct ClusterCommit {
     pub(crate) writes: Vec<Write>,
     pub(crate) done: Vec<CommitCallback>,
-    pub(crate) in_flight: Option<Arc<InFlight>>,
+    /// The handles whose locks the writes are under; once submitted, with the submitting one:
+    /// each counts the commit in flight, so that closing it waits for the commit.
+    pub(crate) in_flight: Vec<Arc<InFlight>>,
     /// The core whose locks the writes are under (its address), so that a commit is never
     /// written through another store.
     pub(crate) core: usize,
@@ -128,13 +143,14 @@ impl ClusterCommit {
         let mut joined = ClusterCommit {
             writes: Vec::new(),
             done: Vec::new(),
-            in_flight: None,
+            in_flight: Vec::new(),
             core,
             refused: None,
         };
         for c in commits {
             joined.writes.extend(c.writes);
             joined.done.extend(c.done);
+            joined.in_flight.extend(c.in_flight);
             refused = refused.or(c.refused);
         }
         if joined.writes.len() > MAX_COMMIT_WRITES {
@@ -323,7 +339,7 @@ fn fail_closed(commit: ClusterCommit) {
     for done in commit.done {
         tell(done, Err(Error::StoreClosed));
     }
-    if let Some(in_flight) = commit.in_flight {
+    for in_flight in commit.in_flight {
         in_flight.finish();
     }
 }
@@ -338,7 +354,7 @@ fn fail_released(commit: ClusterCommit) {
     for done in commit.done {
         tell(done, Err(Error::LockReleased { key: key.clone() }));
     }
-    if let Some(in_flight) = commit.in_flight {
+    for in_flight in commit.in_flight {
         in_flight.finish();
     }
 }
@@ -468,7 +484,7 @@ fn settle(core: &Arc<Core>, commit: ClusterCommit, outcome: Result<()>) {
     for done in commit.done {
         tell(done, outcome.clone());
     }
-    if let Some(in_flight) = commit.in_flight {
+    for in_flight in commit.in_flight {
         in_flight.finish();
     }
 }

@@ -30,7 +30,7 @@ mod session;
 mod url;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -109,7 +109,7 @@ static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
 struct Handle {
     core: Arc<Core>,
     owner: OwnerId,
-    closed: AtomicBool,
+    /// Its commits in flight, and whether it is closed.
     in_flight: Arc<commits::InFlight>,
     /// The registry's slot; None for a core of its own ([`ClusterDatabase::open_unshared`]).
     slot: Option<Arc<Mutex<Slot>>>,
@@ -117,7 +117,7 @@ struct Handle {
 
 impl Handle {
     fn close(&self) {
-        if self.closed.swap(true, Ordering::SeqCst) {
+        if !self.in_flight.close() {
             return;
         }
         self.core.replica.watchers.close_owner(self.owner);
@@ -228,7 +228,6 @@ impl ClusterDatabase {
             handle: Arc::new(Handle {
                 core,
                 owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
-                closed: AtomicBool::new(false),
                 in_flight: Arc::default(),
                 slot,
             }),
@@ -289,7 +288,7 @@ impl ClusterDatabase {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.handle.closed.load(Ordering::SeqCst)
+        self.handle.in_flight.is_closed()
     }
 
     /// Queues prepared commits; concurrent ones share etcd transactions (group commit). Each
@@ -297,11 +296,21 @@ impl ClusterDatabase {
     pub fn submit(&self, commits: Vec<ClusterCommit>) {
         let core = self.core();
         for mut commit in commits {
-            // Counted before the closed check: a close that has not seen this commit yet
-            // waits for it before releasing the locks it writes under.
-            self.handle.in_flight.start(1);
-            let refused = if self.is_closed() {
-                // Closing released this handle's locks: its commits may no longer write.
+            // Counted by this handle and by each handle whose locks it writes under, before
+            // the closed checks: a close that has not seen it yet waits for it before
+            // releasing the locks it writes under.
+            let mut in_flight = vec![self.handle.in_flight.clone()];
+            for handle in commit.in_flight.drain(..) {
+                if !in_flight.iter().any(|h| Arc::ptr_eq(h, &handle)) {
+                    in_flight.push(handle);
+                }
+            }
+            for handle in &in_flight {
+                handle.start(1);
+            }
+            commit.in_flight = in_flight;
+            let refused = if commit.in_flight.iter().any(|h| h.is_closed()) {
+                // Closing released that handle's locks: its commits may no longer write.
                 Some(Error::StoreClosed)
             } else if commit.core != Arc::as_ptr(core) as usize {
                 // Nothing written, the locks still held.
@@ -317,10 +326,11 @@ impl ClusterDatabase {
                 for done in commit.done.drain(..) {
                     commits::tell(done, Err(err.clone()));
                 }
-                self.handle.in_flight.finish();
+                for handle in commit.in_flight.drain(..) {
+                    handle.finish();
+                }
                 continue;
             }
-            commit.in_flight = Some(self.handle.in_flight.clone());
             core.commits.submit(core, commit);
         }
     }
@@ -644,7 +654,7 @@ impl ClusterMap {
                 fold_release: false,
             }],
             done: vec![done],
-            in_flight: None,
+            in_flight: vec![self.db.handle.in_flight.clone()],
             core: Arc::as_ptr(self.core()) as usize,
             refused: None,
         })
