@@ -207,7 +207,18 @@ impl Session {
                         continue 'stream;
                     }
                     let left = alive_until.saturating_duration_since(Instant::now());
-                    match tokio::time::timeout(left, stream.message()).await {
+                    let answer = tokio::select! {
+                        answer = tokio::time::timeout(left, stream.message()) => answer,
+                        // Lost meanwhile (see `lost`, e.g. the cluster was replaced): a new
+                        // lease is granted at once instead of after this wait.
+                        _ = changes.changed() => {
+                            if self.current() != Some(lease) {
+                                return;
+                            }
+                            continue;
+                        }
+                    };
+                    match answer {
                         Ok(Ok(Some(answer))) if answer.ttl() <= 0 => break 'stream,
                         Ok(Ok(Some(_))) => alive_until = sent + ttl,
                         Ok(_) => continue 'stream,
