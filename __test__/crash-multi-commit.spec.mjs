@@ -3,38 +3,11 @@
 // until it has acknowledged a random number of commits, kills it, reopens the file and checks
 // every acknowledged commit is there whole and no commit is there in half.
 import test from 'ava'
-import { spawn } from 'node:child_process'
-import { once } from 'node:events'
 import { join } from 'node:path'
-import { createInterface } from 'node:readline'
-import { kv, tempDir } from './helpers.mjs'
+import { kv, rng, runAndKill, tempDir } from './helpers.mjs'
 
 const writer = new URL('./fixtures/crash-multi-writer.mjs', import.meta.url).pathname
 const ROUNDS = 15
-
-// A fixed-seed generator, so a failing round can be replayed.
-function rng(seed) {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = Math.imul(a ^ (a >>> 15), a | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
-
-/** Runs the writer until it has acknowledged `acks` commits, then kills it with SIGKILL. */
-async function runAndKill(path, round, acks) {
-  const child = spawn(process.execPath, [writer, path, String(round)], { stdio: ['ignore', 'pipe', 'inherit'] })
-  const exited = once(child, 'exit')
-  const lines = []
-  for await (const line of createInterface({ input: child.stdout })) {
-    lines.push(JSON.parse(line))
-    if (lines.length === acks) child.kill('SIGKILL')
-  }
-  const [, signal] = await exited
-  return { lines, signal }
-}
 
 test('kill -9 during multi-lock commits: every acknowledged one is whole after reopen, none is half there', async (t) => {
   const path = join(tempDir(t), 'crash-multi.redb')
@@ -47,7 +20,7 @@ test('kill -9 during multi-lock commits: every acknowledged one is whole after r
   let pairsSeen = 0
   for (let round = 0; round < ROUNDS; round++) {
     const acks = 20 + Math.floor(random() * 200)
-    const { lines, signal } = await runAndKill(path, round, acks)
+    const { lines, signal } = await runAndKill(writer, path, round, acks)
     t.is(signal, 'SIGKILL', `round ${round} was killed`)
     for (const line of lines) {
       if (line.op === 'claim') claims.set(line.job, line.path)

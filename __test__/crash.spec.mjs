@@ -3,35 +3,11 @@ import { spawn } from 'node:child_process'
 import { once } from 'node:events'
 import { join } from 'node:path'
 import { createInterface } from 'node:readline'
-import { kv, tempDir } from './helpers.mjs'
+import { kv, rng, runAndKill, tempDir } from './helpers.mjs'
 
 const writer = new URL('./fixtures/crash-writer.mjs', import.meta.url).pathname
 const unsyncedWriter = new URL('./fixtures/unsynced-writer.mjs', import.meta.url).pathname
 const ROUNDS = 20
-
-// A fixed-seed generator, so a failing round can be replayed.
-function rng(seed) {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = Math.imul(a ^ (a >>> 15), a | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
-
-/** Runs the writer until it has acknowledged `acks` commits, then kills it with SIGKILL. */
-async function runAndKill(path, round, acks) {
-  const child = spawn(process.execPath, [writer, path, String(round)], { stdio: ['ignore', 'pipe', 'inherit'] })
-  const exited = once(child, 'exit')
-  const lines = []
-  for await (const line of createInterface({ input: child.stdout })) {
-    lines.push(JSON.parse(line))
-    if (lines.length === acks) child.kill('SIGKILL')
-  }
-  const [code, signal] = await exited
-  return { lines, code, signal }
-}
 
 test('kill -9 during concurrent durable commits loses nothing acknowledged', async (t) => {
   const path = join(tempDir(t), 'crash.redb')
@@ -45,7 +21,7 @@ test('kill -9 during concurrent durable commits loses nothing acknowledged', asy
   let reopenMs = 0
   for (let round = 0; round < ROUNDS; round++) {
     const acks = 20 + Math.floor(random() * 200)
-    const { lines, signal } = await runAndKill(path, round, acks)
+    const { lines, signal } = await runAndKill(writer, path, round, acks)
     t.is(signal, 'SIGKILL', `round ${round} was killed`)
     const roundKeys = []
     for (const line of lines) {

@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { once } from 'node:events'
 import { execFileSync, spawn } from 'node:child_process'
+import { createInterface } from 'node:readline'
 
 export * as kv from '../dist/index.js'
 import { MapStore } from '../dist/index.js'
@@ -78,3 +79,30 @@ export async function run(command, args, input) {
 
 /** Runs `kvstore <args>` (the built CLI) as a user would. */
 export const kvstore = (args, input) => run(process.execPath, [cli, ...args], input)
+
+/** A fixed-seed generator of numbers in [0, 1), so a failing round can be replayed. */
+export function rng(seed) {
+  let a = seed >>> 0
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0
+    let t = Math.imul(a ^ (a >>> 15), a | 1)
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+  }
+}
+
+/**
+ * Runs `node writer path round`, which prints one JSON line per acknowledged commit, until it
+ * has printed `acks` lines, then kills it with SIGKILL. Returns the lines and how it exited.
+ */
+export async function runAndKill(writer, path, round, acks) {
+  const child = spawn(process.execPath, [writer, path, String(round)], { stdio: ['ignore', 'pipe', 'inherit'] })
+  const exited = once(child, 'exit')
+  const lines = []
+  for await (const line of createInterface({ input: child.stdout })) {
+    lines.push(JSON.parse(line))
+    if (lines.length === acks) child.kill('SIGKILL')
+  }
+  const [code, signal] = await exited
+  return { lines, code, signal }
+}
