@@ -120,7 +120,6 @@ impl Handle {
         if !self.in_flight.close() {
             return;
         }
-        self.core.replica.watchers.close_owner(self.owner);
         let (core, owner, slot) = (self.core.clone(), self.owner, self.slot.clone());
         if tokio::runtime::Handle::try_current().is_ok() {
             // This thread must not wait. The locks still go only once this handle's commits in
@@ -140,12 +139,13 @@ impl Handle {
     }
 }
 
-/// The rest of a handle's close, once its commits have landed: its locks and waits go, and the
-/// last handle of the core shuts it down.
+/// The rest of a handle's close, once its commits have landed: its locks, waits and watches go,
+/// and the last handle of the core shuts it down.
 fn release_handle(core: &Arc<Core>, owner: OwnerId, slot: Option<&Mutex<Slot>>, on_runtime: bool) {
     for table in core.all_tables() {
         locks::release_owner(core, &table, owner);
     }
+    core.replica.watchers.close_owner(owner);
     let last = match slot {
         None => true,
         Some(slot) => {
@@ -280,8 +280,8 @@ impl ClusterDatabase {
     /// Waits for this handle's commits in flight, releases its locks and rejects its waiters
     /// (StoreClosed); the last handle of the core also gives back unused auto keys, revokes
     /// the session lease and stops the core's tasks. Idempotent. On a thread of a tokio
-    /// runtime it does not wait: the handle is closed at once, and its locks go (and the core
-    /// stops) once its commits in flight have landed.
+    /// runtime it does not wait: the handle is closed at once (new calls refused), and its
+    /// locks and watches go (and the core stops) once its commits in flight have landed.
     pub fn close(&self) -> Result<()> {
         self.handle.close();
         Ok(())
