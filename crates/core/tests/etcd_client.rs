@@ -10,9 +10,9 @@ mod etcd_cluster;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use etcd_cluster::EtcdCluster;
+use etcd_cluster::{rec, EtcdCluster};
 use kvstore_core::etcd::{ClusterDatabase, ClusterOptions};
-use kvstore_core::{envelope, LockMode, MapOptions};
+use kvstore_core::{LockMode, MapOptions};
 
 /// The tests of this file one at a time: the descriptor count is the whole process's.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -26,10 +26,6 @@ fn options(timeout: Duration) -> ClusterOptions {
         request_timeout: timeout,
         ..ClusterOptions::default()
     }
-}
-
-fn rec(value: &str) -> Vec<u8> {
-    envelope::encode(&[], value.as_bytes())
 }
 
 fn open_fds() -> usize {

@@ -10,24 +10,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use etcd_client::{EventType, WatchOptions};
-use etcd_cluster::EtcdCluster;
-use kvstore_core::etcd::{ClusterDatabase, ClusterOptions};
-use kvstore_core::{envelope, LockMode, MapOptions};
-
-fn options() -> ClusterOptions {
-    ClusterOptions {
-        request_timeout: Duration::from_secs(5),
-        ..ClusterOptions::default()
-    }
-}
-
-fn open_other(cluster: &EtcdCluster, prefix: &str) -> ClusterDatabase {
-    ClusterDatabase::open_unshared(&cluster.url(prefix), options()).unwrap()
-}
-
-fn rec(value: &str) -> Vec<u8> {
-    envelope::encode(&[], value.as_bytes())
-}
+use etcd_cluster::{open_other, options, rec, EtcdCluster};
+use kvstore_core::etcd::ClusterDatabase;
+use kvstore_core::{LockMode, MapOptions};
 
 /// Watches the cluster's keys under `prefix` from now on; `next_put` waits for the next put.
 struct KeyWatch {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use etcd_cluster::EtcdCluster;
+use etcd_cluster::{rec, EtcdCluster};
 use kvstore_core::etcd::{ClusterDatabase, ClusterMap, ClusterOptions};
 use kvstore_core::{envelope, Acquire, ErrorCode, LockMode, MapOptions};
 
@@ -21,10 +21,6 @@ fn options(timeout: Duration) -> ClusterOptions {
         request_timeout: timeout,
         ..ClusterOptions::default()
     }
-}
-
-fn rec(value: &str) -> Vec<u8> {
-    envelope::encode(&[], value.as_bytes())
 }
 
 fn value(map: &ClusterMap, key: &str) -> Option<String> {

@@ -10,37 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Txn, TxnOp};
-use etcd_cluster::EtcdCluster;
-use kvstore_core::etcd::{ClusterDatabase, ClusterOptions};
-use kvstore_core::{
-    envelope, Database, DatabaseOptions, ErrorCode, LockMode, MapOptions, RangeOptions,
-};
-
-fn options() -> ClusterOptions {
-    ClusterOptions {
-        request_timeout: Duration::from_secs(5),
-        ..ClusterOptions::default()
-    }
-}
-
-fn rec(value: &str) -> Vec<u8> {
-    envelope::encode(&[], value.as_bytes())
-}
-
-fn value_of(record: Option<Arc<[u8]>>) -> Option<String> {
-    record.map(|r| String::from_utf8(envelope::decode(&r).unwrap().value).unwrap())
-}
-
-fn raw_client(cluster: &EtcdCluster) -> (tokio::runtime::Runtime, etcd_client::Client) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = rt
-        .block_on(etcd_client::Client::connect(cluster.endpoints(), None))
-        .unwrap();
-    (rt, client)
-}
+use etcd_cluster::{options, raw_client, rec, value_of, EtcdCluster};
+use kvstore_core::etcd::ClusterDatabase;
+use kvstore_core::{Database, DatabaseOptions, ErrorCode, LockMode, MapOptions, RangeOptions};
 
 /// `sync()` until the store answers again (the member is back): Unavailable meanwhile, within a
 /// generous bound.

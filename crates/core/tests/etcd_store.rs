@@ -7,46 +7,14 @@
 mod etcd_cluster;
 
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_cluster::EtcdCluster;
+use etcd_cluster::{open_other, options, raw_client, rec, value_of, EtcdCluster};
 use kvstore_core::etcd::{ClusterDatabase, ClusterOptions};
 use kvstore_core::{envelope, Acquire, Change, CommitOptions, ErrorCode, LockMode, MapOptions};
 
-fn options() -> ClusterOptions {
-    ClusterOptions {
-        request_timeout: Duration::from_secs(5),
-        ..ClusterOptions::default()
-    }
-}
-
 fn open(cluster: &EtcdCluster, prefix: &str) -> ClusterDatabase {
     ClusterDatabase::open(&cluster.url(prefix), options()).unwrap()
-}
-
-/// A second core on the same cluster and prefix: another process, as far as locks go.
-fn open_other(cluster: &EtcdCluster, prefix: &str) -> ClusterDatabase {
-    ClusterDatabase::open_unshared(&cluster.url(prefix), options()).unwrap()
-}
-
-fn rec(value: &str) -> Vec<u8> {
-    envelope::encode(&[], value.as_bytes())
-}
-
-fn value_of(record: Option<Arc<[u8]>>) -> Option<String> {
-    record.map(|r| String::from_utf8(envelope::decode(&r).unwrap().value).unwrap())
-}
-
-fn raw_client(cluster: &EtcdCluster) -> (tokio::runtime::Runtime, etcd_client::Client) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = rt
-        .block_on(etcd_client::Client::connect(cluster.endpoints(), None))
-        .unwrap();
-    (rt, client)
 }
 
 #[test]

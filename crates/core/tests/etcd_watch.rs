@@ -10,26 +10,15 @@ mod etcd_cluster;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_cluster::EtcdCluster;
-use kvstore_core::etcd::{ClusterDatabase, ClusterOptions};
+use etcd_cluster::{options, rec, EtcdCluster};
+use kvstore_core::etcd::ClusterDatabase;
 use kvstore_core::{
-    envelope, Change, CommitOptions, Database, ErrorCode, LockMode, MapOptions, WatchEvent,
-    WatchNext, WatchOptions, Watcher,
+    Change, CommitOptions, Database, ErrorCode, LockMode, MapOptions, WatchEvent, WatchNext,
+    WatchOptions, Watcher,
 };
 
 /// A deadline for waits that should end soon: only a broken watch ever reaches it.
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn options() -> ClusterOptions {
-    ClusterOptions {
-        request_timeout: Duration::from_secs(5),
-        ..ClusterOptions::default()
-    }
-}
-
-fn rec(value: &str) -> Vec<u8> {
-    envelope::encode(&[], value.as_bytes())
-}
 
 fn take(watcher: &Watcher, n: usize) -> Vec<WatchEvent> {
     let mut seen = Vec::new();

@@ -11,19 +11,11 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_cluster::EtcdCluster;
-use kvstore_core::etcd::ClusterOptions;
+use etcd_cluster::{options, raw_client, EtcdCluster};
 use kvstore_core::{
     envelope, Change, CommitItem, CommitOptions, Database, ErrorCode, LockMode, MapOptions,
     MapStore, Result,
 };
-
-fn options() -> ClusterOptions {
-    ClusterOptions {
-        request_timeout: Duration::from_secs(5),
-        ..ClusterOptions::default()
-    }
-}
 
 fn open(cluster: &EtcdCluster, prefix: &str) -> Database {
     Database::open_cluster(&cluster.url(prefix), options()).unwrap()
@@ -59,17 +51,6 @@ fn sync(db: &Database) {
     let (tx, rx) = mpsc::channel();
     db.sync_with(Box::new(move |r| tx.send(r).unwrap()));
     rx.recv().unwrap().unwrap();
-}
-
-fn raw_client(cluster: &EtcdCluster) -> (tokio::runtime::Runtime, etcd_client::Client) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = rt
-        .block_on(etcd_client::Client::connect(cluster.endpoints(), None))
-        .unwrap();
-    (rt, client)
 }
 
 #[test]

@@ -562,3 +562,44 @@ fn make_certificates(dir: &Path) -> Result<Certificates, String> {
         key: dir.join("server.key"),
     })
 }
+
+// ---- what the etcd tests share ----
+
+/// Options with a 5 s request timeout (the default suits services, not tests that stop members).
+pub fn options() -> kvstore_core::etcd::ClusterOptions {
+    options_with_timeout(Duration::from_secs(5))
+}
+
+pub fn options_with_timeout(timeout: Duration) -> kvstore_core::etcd::ClusterOptions {
+    kvstore_core::etcd::ClusterOptions {
+        request_timeout: timeout,
+        ..Default::default()
+    }
+}
+
+/// A record (envelope) with no metadata and `value` as its bytes.
+pub fn rec(value: &str) -> Vec<u8> {
+    kvstore_core::envelope::encode(&[], value.as_bytes())
+}
+
+/// The value of an envelope, as text.
+pub fn value_of(record: Option<Arc<[u8]>>) -> Option<String> {
+    record.map(|r| String::from_utf8(kvstore_core::envelope::decode(&r).unwrap().value).unwrap())
+}
+
+/// A plain etcd client on a runtime of its own, to look at or change the cluster's keys.
+pub fn raw_client(cluster: &EtcdCluster) -> (tokio::runtime::Runtime, etcd_client::Client) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt
+        .block_on(etcd_client::Client::connect(cluster.endpoints(), None))
+        .unwrap();
+    (rt, client)
+}
+
+/// A second core on the same cluster and prefix: another process, as far as locks go.
+pub fn open_other(cluster: &EtcdCluster, prefix: &str) -> kvstore_core::etcd::ClusterDatabase {
+    kvstore_core::etcd::ClusterDatabase::open_unshared(&cluster.url(prefix), options()).unwrap()
+}
