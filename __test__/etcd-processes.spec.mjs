@@ -210,10 +210,13 @@ test('a process that exits holding locks frees them at once (its session is revo
 
 test('refused before anything is written: a malformed URL, durability none, readOnly, a record over the request limit', async (t) => {
   const running = await cluster(t, { members: 1 })
-  for (const url of ['etcd://127.0.0.1/app', 'etcd://127.0.0.1:2379', 'etcd://127.0.0.1:2379/app/', 'etcd://:2379/app']) {
+  for (const url of ['etcd://127.0.0.1/app', 'etcd://127.0.0.1:2379', 'etcd://127.0.0.1:2379/app/', 'etcd://:2379/app', 'etcd:/127.0.0.1:2379/app', 'ETCD:127.0.0.1:2379/app']) {
     await t.throwsAsync(kv.MapStore.open(url), { instanceOf: kv.InvalidArgumentError }, url)
   }
   const url = freshUrl(running)
+  // The scheme is case-insensitive.
+  const shouting = await kv.MapStore.open(url.replace(/^etcd:/, 'ETCD:'), { codec: kv.codecs.raw })
+  await shouting.close()
   await t.throwsAsync(kv.MapStore.open(url, { durability: 'none' }), { instanceOf: kv.InvalidArgumentError, message: /durability/ })
   await t.throwsAsync(kv.MapStore.open(url, { readOnly: true }), { instanceOf: kv.InvalidArgumentError, message: /readOnly/ })
   const store = await kv.MapStore.open(url, { codec: kv.codecs.raw })

@@ -121,8 +121,13 @@ export function checkLogger(value: unknown): Logger | undefined {
 }
 
 /** Whether `location` names an etcd cluster rather than a file. */
+/**
+ * Whether `location` names a cluster: it starts with `etcd:` or `etcds:`, in any case, so a
+ * mistyped URL is refused as malformed rather than taken for a file path (a file whose name
+ * starts so is written `./etcd:...`).
+ */
 export function isClusterUrl(location: string): boolean {
-  return location.startsWith('etcd://') || location.startsWith('etcds://')
+  return /^etcds?:/i.test(location)
 }
 
 export interface NativeOpenOptions {

@@ -96,8 +96,14 @@ impl Database {
     }
 
     /// Whether `location` names a cluster (`etcd://` or `etcds://`) rather than a file.
+    /// Whether `location` names a cluster: it starts with `etcd:` or `etcds:` in any case (a
+    /// mistyped URL is then refused as malformed, never taken for a file path; a file whose
+    /// name starts so is written `./etcd:...`).
     pub fn is_cluster_url(location: &str) -> bool {
-        location.starts_with("etcd://") || location.starts_with("etcds://")
+        let scheme = location
+            .split_once(':')
+            .map(|(s, _)| s.to_ascii_lowercase());
+        matches!(scheme.as_deref(), Some("etcd" | "etcds"))
     }
 
     pub fn map_store(&self, name: &str, options: MapOptions) -> Result<MapStore> {

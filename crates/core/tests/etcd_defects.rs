@@ -459,3 +459,38 @@ fn closing_a_handle_waits_for_a_commit_under_its_lock_submitted_through_another(
     h1.close().unwrap();
     h3.close().unwrap();
 }
+
+/// A waiter in another process whose key the holder deletes hears EntryDeleted, as a waiter
+/// in the holder's own process does (it heard EntryNotFound: the grant from etcd did not say
+/// the record was deleted under it).
+#[test]
+fn a_waiter_in_another_process_hears_that_the_holder_deleted_the_entry() {
+    let cluster = EtcdCluster::start(1);
+    let a = open_other(&cluster, "deleted");
+    let b = open_other(&cluster, "deleted");
+    let map_a = a.map_store("m", &MapOptions::default()).unwrap();
+    let map_b = b.map_store("m", &MapOptions::default()).unwrap();
+    map_a
+        .lock("k", LockMode::New, None)
+        .unwrap()
+        .commit(rec("v"))
+        .unwrap();
+    b.sync().unwrap();
+    let held = map_a.lock("k", LockMode::Existing, None).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let local = map_b.lock("k", LockMode::Existing, None);
+        tx.send(local.err().map(|e| e.code())).unwrap();
+    });
+    assert!(b.wait_lock_waits(1, Duration::from_secs(30)));
+    held.delete().unwrap();
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+        Some(kvstore_core::ErrorCode::EntryDeleted)
+    );
+    waiter.join().unwrap();
+    // A lock of a key that was never there is still EntryNotFound.
+    let other = a.map_store("m", &MapOptions::default()).unwrap();
+    let err = other.lock("never", LockMode::Existing, None).err().unwrap();
+    assert_eq!(err.code(), kvstore_core::ErrorCode::EntryNotFound);
+}

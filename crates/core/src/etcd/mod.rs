@@ -545,14 +545,21 @@ impl ClusterMap {
     ) -> Result<Acquire> {
         self.db.check_open()?;
         validate_key(key)?;
-        locks::acquire(
-            self.core(),
-            &self.table,
-            self.owner(),
-            key,
-            ticket,
-            make_waiter,
-        )
+        // A waiter that saw the record when it queued and finds none when granted had it
+        // deleted under it, by this process or another: EntryDeleted, as a hand-over after a
+        // local delete says (the grant from etcd cannot say it).
+        let existed = self.core().replica.get(&self.table.name, key).is_some();
+        let waiter = || {
+            let notify = make_waiter()?;
+            let notify: GrantCallback = Box::new(move |outcome: Result<Grant>| {
+                notify(outcome.map(|mut grant| {
+                    grant.after_delete |= existed;
+                    grant
+                }))
+            });
+            Ok(notify)
+        };
+        locks::acquire(self.core(), &self.table, self.owner(), key, ticket, waiter)
     }
 
     /// Turns a grant into a locked entry per `mode`. The record is the latest committed value:

@@ -18,12 +18,11 @@ pub(crate) struct ClusterUrl {
 impl ClusterUrl {
     pub fn parse(url: &str) -> Result<ClusterUrl> {
         let bad = |why: &str| Error::invalid(format!("malformed etcd URL '{url}': {why}"));
-        let (tls, rest) = if let Some(rest) = url.strip_prefix("etcd://") {
-            (false, rest)
-        } else if let Some(rest) = url.strip_prefix("etcds://") {
-            (true, rest)
-        } else {
-            return Err(bad("it must start with etcd:// or etcds://"));
+        // The scheme is case-insensitive (RFC 3986).
+        let (tls, rest) = match url.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("etcd") => (false, rest),
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("etcds") => (true, rest),
+            _ => return Err(bad("it must start with etcd:// or etcds://")),
         };
         let (hosts, prefix) = rest
             .split_once('/')
@@ -84,6 +83,23 @@ impl ClusterUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scheme_is_case_insensitive_and_a_near_miss_is_malformed() {
+        assert!(ClusterUrl::parse("ETCD://h:1/app").is_ok_and(|u| !u.tls));
+        assert!(ClusterUrl::parse("Etcds://h:1/app").is_ok_and(|u| u.tls));
+        for near in ["etcd:/h:1/app", "etcd:h:1/app", "ETCDS:/h:1/app"] {
+            assert!(crate::store::Database::is_cluster_url(near), "{near}");
+            let err = ClusterUrl::parse(near).unwrap_err();
+            assert!(
+                err.to_string().contains("malformed etcd URL"),
+                "{near}: {err}"
+            );
+        }
+        for file in ["./etcd:x", "etcd.redb", "/data/etcd://x", "etcdx://h:1/a"] {
+            assert!(!crate::store::Database::is_cluster_url(file), "{file}");
+        }
+    }
 
     #[test]
     fn parses_endpoints_and_prefix() {
