@@ -223,6 +223,8 @@ forEachBackend(({ backend, test, tempStore, location }) => {
     for (const highWaterMark of [0, -1, 1.5, Infinity, NaN, '10']) {
       t.throws(() => store.watch({ highWaterMark }), { instanceOf: kv.InvalidArgumentError }, String(highWaterMark))
     }
+    // A string is quoted in the message, as for the other options.
+    t.throws(() => store.watch({ highWaterMark: '5' }), { message: "highWaterMark must be a positive integer, got '5'" })
     t.throws(() => store.watch({ signal: {} }), { instanceOf: kv.InvalidArgumentError })
     t.is(store.stats().watchers, 0)
   })

@@ -89,7 +89,7 @@ export interface OpenOptions<T> extends DatabaseOptions, MapStoreOptions<T> {
   table?: string
 }
 
-function invalid(name: string, value: unknown, expected: string): never {
+export function invalid(name: string, value: unknown, expected: string): never {
   throw new InvalidArgumentError(`${name} must be ${expected}, got ${typeof value === 'string' ? `'${value}'` : String(value)}`)
 }
 

@@ -6,7 +6,7 @@ import { EntryItem } from './entry-range'
 import type { Metadata } from './envelope'
 import { AbortError, InvalidArgumentError, native, settled } from './errors'
 import type { NativeWatcher } from './native'
-import { checkWellFormedKey } from './options'
+import { checkWellFormedKey, invalid } from './options'
 
 export interface WatchOptions {
   /** Only keys that begin with this. */
@@ -43,7 +43,7 @@ export function checkWatchOptions(options: WatchOptions): { prefix?: string; hig
   }
   if (signal !== undefined && !(signal instanceof AbortSignal)) throw new InvalidArgumentError('signal must be an AbortSignal')
   if (highWaterMark !== undefined && (typeof highWaterMark !== 'number' || !Number.isSafeInteger(highWaterMark) || highWaterMark < 1)) {
-    throw new InvalidArgumentError(`highWaterMark must be a positive integer, got ${String(highWaterMark)}`)
+    invalid('highWaterMark', highWaterMark, 'a positive integer')
   }
   return { prefix, signal, highWaterMark }
 }
