@@ -191,6 +191,26 @@ pub(crate) fn map_error(err: &etcd_client::Error, what: &str, effect: Effect) ->
     }
 }
 
+/// The key-values of each Get of a transaction's taken branch, in order.
+pub(crate) fn txn_gets(answer: &etcd_client::TxnResponse) -> Vec<Vec<etcd_client::KeyValue>> {
+    answer
+        .op_responses()
+        .into_iter()
+        .map(|op| match op {
+            etcd_client::TxnOpResponse::Get(mut get) => get.take_kvs(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+/// The value of the first key of each Get of a transaction's taken branch, in order.
+pub(crate) fn txn_first_values(answer: &etcd_client::TxnResponse) -> Vec<Option<Vec<u8>>> {
+    txn_gets(answer)
+        .into_iter()
+        .map(|kvs| kvs.first().map(|kv| kv.value().to_vec()))
+        .collect()
+}
+
 pub(crate) fn unavailable(what: &str, effect: Effect, detail: &str) -> Error {
     let outcome = match effect {
         Effect::Nothing => "nothing was written",

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 
 use crate::error::{Error, Result};
 use crate::keys::KeyFormat;
@@ -13,7 +13,7 @@ use crate::sequence::KeySequence;
 use crate::MapOptions;
 
 use super::batcher::TxnBatcher;
-use super::client::{runtime, Cluster, Effect};
+use super::client::{runtime, txn_first_values, Cluster, Effect};
 use super::commits::{CommitQueue, CommitStats};
 use super::layout::{prefix_end, unescape_table, Layout, Parsed, LAYOUT_VERSION};
 use super::locks::KeyLocks;
@@ -256,14 +256,7 @@ impl Core {
                 async move { kv.txn(txn).await }
             })
             .await?;
-        let values: Vec<Option<Vec<u8>>> = answer
-            .op_responses()
-            .into_iter()
-            .map(|op| match op {
-                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
-                _ => None,
-            })
-            .collect();
+        let values = txn_first_values(&answer);
         if !answer.succeeded() {
             let stored = String::from_utf8_lossy(values[0].as_deref().unwrap_or_default());
             if stored != options.codec {
@@ -545,14 +538,7 @@ async fn check_format(cluster: &Cluster, layout: &Layout, url: &ClusterUrl) -> R
     if answer.succeeded() {
         return Ok(Some(answer.header().map_or(0, |h| h.revision())));
     }
-    let found: Vec<Option<Vec<u8>>> = answer
-        .op_responses()
-        .into_iter()
-        .map(|op| match op {
-            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
-            _ => None,
-        })
-        .collect();
+    let found = txn_first_values(&answer);
     if let Some((outer, _)) = ancestors
         .iter()
         .zip(found.iter().skip(1))

@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 use crate::error::{Error, Result};
 use crate::locks::{Acquire, Grant, GrantCallback, LockTable, LockToken, OwnerId};
 
-use super::client::{runtime, Effect};
+use super::client::{runtime, txn_gets, Effect};
 use super::core::{Core, TableState};
 
 /// The process's etcd lock key of one key.
@@ -687,7 +687,7 @@ async fn acquire_etcd(
             other => other.map_err(|e| (e, Some(etcd.clone())))?,
         };
         core.replica.saw_revision(revision);
-        let got = gets(&answer);
+        let got = txn_gets(&answer);
         etcd.fence = if answer.succeeded() {
             revision
         } else {
@@ -730,7 +730,7 @@ async fn acquire_etcd(
                 .await
                 .map_err(|e| (e, Some(etcd.clone())))?;
             core.replica.saw_revision(revision);
-            let got = gets(&answer);
+            let got = txn_gets(&answer);
             if got[0].is_empty() {
                 // Our key is gone (the session ended): queue up again.
                 continue 'session;
@@ -774,16 +774,4 @@ async fn abandon(
         Ok(()) => Ok(None),
         Err(err) => Err((err, Some(etcd))),
     }
-}
-
-/// The key-values of each Get of a transaction's taken branch, in order.
-fn gets(answer: &etcd_client::TxnResponse) -> Vec<Vec<etcd_client::KeyValue>> {
-    answer
-        .op_responses()
-        .into_iter()
-        .map(|op| match op {
-            etcd_client::TxnOpResponse::Get(mut get) => get.take_kvs(),
-            _ => Vec::new(),
-        })
-        .collect()
 }
