@@ -512,40 +512,38 @@ impl Replica {
             }
             if check || rechecks.has_changed().unwrap_or(false) {
                 let asked = *rechecks.borrow_and_update();
-                match self.is_replaced(&cluster).await {
-                    Ok(false) => {}
-                    Ok(true) => match self.load_as(&cluster, true).await {
-                        Ok((_, gone)) => {
-                            self.watchers.fail_all(&Error::WatchOverflow {
-                                message: concat!(
-                                    "the watch missed changes: the etcd cluster was replaced ",
-                                    "(wiped and started afresh, or another cluster) and the ",
-                                    "store's replica read it again; read the map again and ",
-                                    "watch anew"
-                                )
-                                .into(),
-                            });
-                            self.reloads.fetch_add(1, Ordering::Relaxed);
-                            reload = false;
-                            if !gone.is_empty() {
-                                deleted(gone);
-                            }
-                            replaced().await;
-                            self.wake_all();
-                            self.wake();
+                let checked = match self.is_replaced(&cluster).await {
+                    Ok(true) => self
+                        .load_as(&cluster, true)
+                        .await
+                        .map(|(_, gone)| Some(gone)),
+                    Ok(false) => Ok(None),
+                    Err(err) => Err(err),
+                };
+                match checked {
+                    Ok(None) => {}
+                    Ok(Some(gone)) => {
+                        self.watchers.fail_all(&Error::WatchOverflow {
+                            message: concat!(
+                                "the watch missed changes: the etcd cluster was replaced ",
+                                "(wiped and started afresh, or another cluster) and the ",
+                                "store's replica read it again; read the map again and ",
+                                "watch anew"
+                            )
+                            .into(),
+                        });
+                        self.reloads.fetch_add(1, Ordering::Relaxed);
+                        reload = false;
+                        if !gone.is_empty() {
+                            deleted(gone);
                         }
-                        Err(_) => {
-                            check = true;
-                            tokio::select! {
-                                _ = tokio::time::sleep(pause) => {}
-                                _ = closed.wait_for(|c| *c) => return,
-                            }
-                            pause = (pause * 2).min(Duration::from_secs(1));
-                            continue;
-                        }
-                    },
+                        replaced().await;
+                        self.wake_all();
+                        self.wake();
+                    }
                     Err(_) => {
-                        // The cluster is away: check again when it answers.
+                        // The cluster is away (or the reload failed): check again when it
+                        // answers.
                         check = true;
                         tokio::select! {
                             _ = tokio::time::sleep(pause) => {}
