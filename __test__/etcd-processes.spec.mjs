@@ -2,13 +2,10 @@
 // a holder killed or paused past its session, a killed leader, the whole cluster down, and
 // authentication and TLS. Every wait is on an event (a reply, an exit, a member ready).
 import test from 'ava'
-import { spawn } from 'node:child_process'
 import { readFileSync } from 'node:fs'
-import { createInterface } from 'node:readline'
 import { startCluster } from './etcd-cluster.mjs'
-import { exitOf, kv, put, waitersQueued } from './helpers.mjs'
+import { kv, otherProcess, put, waitersQueued } from './helpers.mjs'
 
-const fixture = new URL('./fixtures/etcd-process.mjs', import.meta.url).pathname
 let prefixes = 0
 
 /** A cluster for one test, stopped when it ends. */
@@ -19,26 +16,6 @@ async function cluster(t, options) {
 }
 
 const freshUrl = (running) => running.url(`/p${process.pid}-${++prefixes}`)
-
-/** Another process on the store at `url`, answering one JSON line per command. */
-async function otherProcess(t, url, options = {}) {
-  const child = spawn(process.execPath, [fixture], { stdio: ['pipe', 'pipe', 'inherit'] })
-  const exited = exitOf(child)
-  t.teardown(() => {
-    child.kill('SIGKILL')
-    return exited
-  })
-  const replies = createInterface({ input: child.stdout })[Symbol.asyncIterator]()
-  const send = async (command) => {
-    child.stdin.write(`${JSON.stringify(command)}\n`)
-    const { value, done } = await replies.next()
-    if (done) throw new Error(`the process ended before answering ${command.cmd}`)
-    return JSON.parse(value)
-  }
-  const opened = await send({ cmd: 'open', url, options })
-  t.true(opened.ok, opened.message)
-  return { child, send, exited }
-}
 
 /** Whether `promise` is still pending once everything queued before it on the loop has run. */
 async function pending(promise) {

@@ -106,3 +106,25 @@ export async function runAndKill(writer, path, round, acks) {
   const [code, signal] = await exited
   return { lines, code, signal }
 }
+
+const etcdProcess = new URL('./fixtures/etcd-process.mjs', import.meta.url).pathname
+
+/** Another process on the store at `url` (fixtures/etcd-process.mjs), answering one JSON line per command. */
+export async function otherProcess(t, url, options = {}) {
+  const child = spawn(process.execPath, [etcdProcess], { stdio: ['pipe', 'pipe', 'inherit'] })
+  const exited = exitOf(child)
+  t.teardown(() => {
+    child.kill('SIGKILL')
+    return exited
+  })
+  const replies = createInterface({ input: child.stdout })[Symbol.asyncIterator]()
+  const send = async (command) => {
+    child.stdin.write(`${JSON.stringify(command)}\n`)
+    const { value, done } = await replies.next()
+    if (done) throw new Error(`the process ended before answering ${command.cmd}`)
+    return JSON.parse(value)
+  }
+  const opened = await send({ cmd: 'open', url, options })
+  t.true(opened.ok, opened.message)
+  return { child, send, exited }
+}

@@ -2,16 +2,13 @@
 // from every thread (file) or every process (etcd); a consumer that falls highWaterMark changes
 // behind gets WatchOverflowError; break, return(), the signal and close() end it and free it.
 // Each test waits for changes themselves (or for sync()), never for time to pass.
-import { spawn } from 'node:child_process'
 import { once } from 'node:events'
-import { createInterface } from 'node:readline'
 import { Worker } from 'node:worker_threads'
 import { forEachBackend } from './backends.mjs'
-import { exitOf, kv, put } from './helpers.mjs'
+import { kv, otherProcess, put } from './helpers.mjs'
 
 const { AbortError, Database, MapStore, WatchChange, WatchOverflowError } = kv
 const fixture = new URL('./fixtures/watch-worker.mjs', import.meta.url)
-const processFixture = new URL('./fixtures/etcd-process.mjs', import.meta.url).pathname
 
 /** The next `n` changes of `watch`, then the watch is left open (the loop breaks only at `n`). */
 async function take(watch, n) {
@@ -36,26 +33,6 @@ async function pending(promise) {
   )
   await new Promise(setImmediate)
   return !settled
-}
-
-/** Another process on the store at `url` (fixtures/etcd-process.mjs), answering one JSON line per command. */
-async function otherProcess(t, url) {
-  const child = spawn(process.execPath, [processFixture], { stdio: ['pipe', 'pipe', 'inherit'] })
-  const exited = exitOf(child)
-  t.teardown(() => {
-    child.kill('SIGKILL')
-    return exited
-  })
-  const replies = createInterface({ input: child.stdout })[Symbol.asyncIterator]()
-  const send = async (command) => {
-    child.stdin.write(`${JSON.stringify(command)}\n`)
-    const { value, done } = await replies.next()
-    if (done) throw new Error(`the process ended before answering ${command.cmd}`)
-    return JSON.parse(value)
-  }
-  const opened = await send({ cmd: 'open', url })
-  t.true(opened.ok, opened.message)
-  return { send }
 }
 
 function worker(workerData) {
