@@ -796,10 +796,14 @@ fn issue14_10_a_slow_open_does_not_hold_up_other_files() {
     let (release_tx, release_rx) = mpsc::channel::<()>();
     let entered_tx = Mutex::new(entered_tx);
     let release_rx = Mutex::new(release_rx);
-    // Opening this file waits (as a long crash repair would) until released.
+    let slow_at = slow_path.clone();
+    // Opening this file waits (as a long crash repair would) until released; its write-ahead
+    // log (the same backend, another path) opens at once.
     let slow = Backend(Arc::new(move |path: &Path| {
-        entered_tx.lock().unwrap().send(()).unwrap();
-        let _ = release_rx.lock().unwrap().recv_timeout(HANG_GUARD);
+        if path == slow_at {
+            entered_tx.lock().unwrap().send(()).unwrap();
+            let _ = release_rx.lock().unwrap().recv_timeout(HANG_GUARD);
+        }
         let file = FileBackend::new(open_file(path)?).map_err(std::io::Error::other)?;
         Ok(Box::new(file) as Box<dyn StorageBackend>)
     }));

@@ -3,7 +3,7 @@
 //! transaction is durable does the writer update the cache, hand on the locks and settle each
 //! caller, in that order.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use redb::{Durability, TableDefinition};
+use redb::{Durability, TableHandle};
 
 use crate::error::{from_redb, Error, Result};
 use crate::file::storage::{StoreFile, TableState, META_TABLE};
+use crate::file::wal::{self, Appended, Log, Op, WAL_KEY};
 use crate::locks::LockToken;
 use crate::map::{Change, CommitCallback};
 use crate::watch::WatchHub;
@@ -131,7 +132,8 @@ pub(crate) struct CommitQueue {
 impl CommitQueue {
     /// Starts the writer. Non-durable commits are made durable within `sync_interval` of the
     /// first of them, by the next transaction or, when none comes, by the idle writer.
-    pub fn start(file: Arc<StoreFile>, sync_interval: Duration) -> Result<Self> {
+    /// With a `log`, durable batches are made durable by it and redb is checkpointed.
+    pub fn start(file: Arc<StoreFile>, sync_interval: Duration, log: Option<Log>) -> Result<Self> {
         let (tx, rx) = mpsc::channel();
         let id = NEXT_QUEUE.fetch_add(1, Ordering::Relaxed);
         let stats = Arc::new(CommitStats::default());
@@ -144,6 +146,7 @@ impl CommitQueue {
             sync_interval,
             broken: false,
             retry: Retry::default(),
+            log,
         }));
         let shared = writer.clone();
         let thread = std::thread::Builder::new()
@@ -246,6 +249,29 @@ struct Writer {
     broken: bool,
     /// When the idle writer next tries to reopen a broken file that holds unsynced commits.
     retry: Retry,
+    /// The write-ahead log of a durable store (None: durable batches are durable redb commits).
+    log: Option<Log>,
+}
+
+/// How a batch is written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Acknowledged before it is durable (`durability: 'none'`): logged without a sync.
+    Deferred,
+    /// Durable before it is acknowledged: a synced log record, else a checkpoint.
+    Durable,
+    /// A durable redb commit: redb holds everything written so far; the log starts over.
+    Checkpoint,
+    /// The last checkpoint, at close: the log is retired.
+    Final,
+}
+
+/// What a written batch cost.
+struct Written {
+    /// A durable redb commit: nothing before it needs the log any more.
+    checkpoint: bool,
+    /// Durable (through the log or redb): every batch before it is too.
+    durable: bool,
 }
 
 /// Backoff for the idle writer's attempts to reopen a broken file: 10 ms, doubling to 5 s.
@@ -356,7 +382,7 @@ impl Writer {
         let outcome = if self.broken {
             self.recover()
         } else {
-            self.write(&[], true)
+            self.write(&[], Mode::Checkpoint).map(drop)
         };
         match outcome {
             Ok(()) => self.synced(),
@@ -399,7 +425,8 @@ impl Writer {
                  durable at close and are lost: {err}"
             ),
         };
-        let unsynced = self.unsynced_since.is_some();
+        // What the log holds is not at risk: the next open replays it.
+        let unsynced = at_risk > 0;
         if self.broken {
             // Nothing acknowledged is at risk without unsynced commits: closing is fine.
             if let Err(err) = self.recover() {
@@ -419,8 +446,9 @@ impl Writer {
                 })
             })
             .collect();
-        if unsynced || !leases.is_empty() {
-            if let Err(err) = self.write(&leases, true) {
+        let retire = self.log.as_ref().is_some_and(Log::is_recorded);
+        if self.unsynced_since.is_some() || !leases.is_empty() || retire {
+            if let Err(err) = self.write(&leases, Mode::Final) {
                 return if unsynced { Err(lost(err)) } else { Ok(()) };
             }
         }
@@ -455,36 +483,37 @@ impl Writer {
                 }
             }
         }
-        let durable = self.sync_due()
-            || jobs.iter().any(|j| match j {
-                Job::Commit(c) => c.durable,
-                Job::Group(g) => g.durable,
-                Job::Lease { durable, .. } => *durable,
-                Job::Barrier(_) | Job::Many(_) | Job::Wake | Job::Shutdown => false,
-            });
-        let outcome =
-            catch_unwind(AssertUnwindSafe(|| self.write(&jobs, durable))).unwrap_or_else(|panic| {
-                // redb panics on some damaged pages instead of returning an error.
-                Err(Error::DatabaseCorrupt {
-                    path: self.file.path().to_string(),
-                    detail: format!(
-                        "the transaction was rolled back: redb failed on a damaged page: {}",
-                        crate::error::panic_message(&*panic)
-                    ),
-                })
-            });
+        let durable = jobs.iter().any(|j| match j {
+            Job::Commit(c) => c.durable,
+            Job::Group(g) => g.durable,
+            Job::Lease { durable, .. } => *durable,
+            Job::Barrier(_) | Job::Many(_) | Job::Wake | Job::Shutdown => false,
+        });
+        let mode = if self.sync_due() {
+            Mode::Checkpoint
+        } else if durable {
+            Mode::Durable
+        } else {
+            Mode::Deferred
+        };
+        let outcome = self.write(&jobs, mode);
         // A group is one commit.
         let commits = jobs
             .iter()
             .filter(|j| matches!(j, Job::Commit(_) | Job::Group(_)))
             .count() as u64;
         match outcome {
-            Ok(()) => {
-                if durable {
+            Ok(written) => {
+                if written.checkpoint {
                     self.synced();
                 } else {
+                    // redb is not durable: a checkpoint falls due within the sync interval.
                     self.unsynced_since.get_or_insert_with(Instant::now);
-                    self.stats.unsynced_batches.fetch_add(1, Ordering::Relaxed);
+                    if written.durable {
+                        self.stats.unsynced_batches.store(0, Ordering::Relaxed);
+                    } else {
+                        self.stats.unsynced_batches.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                 self.stats.commits.fetch_add(commits, Ordering::Relaxed);
@@ -518,71 +547,68 @@ impl Writer {
         }
     }
 
-    fn write(&self, jobs: &[Job], durable: bool) -> Result<()> {
+    /// Writes one batch (see [`Writer::write_unguarded`]). redb panics on some damaged pages
+    /// instead of returning an error: that is a corrupt file, and the writer goes on.
+    fn write(&mut self, jobs: &[Job], mode: Mode) -> Result<Written> {
+        catch_unwind(AssertUnwindSafe(|| self.write_unguarded(jobs, mode))).unwrap_or_else(
+            |panic| {
+                if let Some(log) = self.log.as_mut() {
+                    // Whatever it logged for this batch must never be replayed.
+                    log.revoke();
+                }
+                Err(Error::DatabaseCorrupt {
+                    path: self.file.path().to_string(),
+                    detail: format!(
+                        "the transaction was rolled back: redb failed on a damaged page: {}",
+                        crate::error::panic_message(&*panic)
+                    ),
+                })
+            },
+        )
+    }
+
+    /// Writes one batch. A durable one is a synced log record and a redb commit without a
+    /// sync; a checkpoint (or a durable batch the log cannot take) a durable redb commit, which
+    /// starts the log over under a new tag. The log record goes first: a batch whose record
+    /// could not be written is not committed at all.
+    fn write_unguarded(&mut self, jobs: &[Job], mode: Mode) -> Result<Written> {
         let path = self.file.path();
-        let redb_err = |e: redb::Error| from_redb(path, e);
         let db = self.file.db()?;
-        let mut txn = db
-            .writable(self.file.path())?
-            .begin_write()
-            .map_err(|e| redb_err(e.into()))?;
-        txn.set_durability(if durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })
-        .map_err(|e| redb_err(e.into()))?;
-        {
-            let mut tables: HashMap<&str, redb::Table<&str, &[u8]>> = HashMap::new();
-            let mut meta: Option<redb::Table<&str, &[u8]>> = None;
-            for job in jobs {
-                for (state, key, change) in job.changes() {
-                    let name = state.redb_name.as_str();
-                    if !tables.contains_key(name) {
-                        let table = txn
-                            .open_table(TableDefinition::<&str, &[u8]>::new(name))
-                            .map_err(|e| redb_err(e.into()))?;
-                        tables.insert(name, table);
-                    }
-                    let table = tables.get_mut(name).expect("opened above");
-                    match change {
-                        Change::Put(record) => {
-                            table
-                                .insert(key, &**record)
-                                .map_err(|e| redb_err(e.into()))?;
-                        }
-                        Change::Delete => {
-                            table.remove(key).map_err(|e| redb_err(e.into()))?;
-                        }
-                    }
-                }
-                match job {
-                    Job::Commit(_) | Job::Group(_) => {}
-                    Job::Lease { table, until, .. } => {
-                        if meta.is_none() {
-                            meta =
-                                Some(txn.open_table(META_TABLE).map_err(|e| redb_err(e.into()))?);
-                        }
-                        let meta = meta.as_mut().expect("opened above");
-                        meta.insert(table.sequence_key.as_str(), until.to_le_bytes().as_slice())
-                            .map_err(|e| redb_err(e.into()))?;
-                        if let Some(format) = table.key_format() {
-                            meta.insert(table.keys_key.as_str(), format.encode().as_bytes())
-                                .map_err(|e| redb_err(e.into()))?;
-                        }
-                    }
-                    Job::Barrier(_) | Job::Many(_) | Job::Wake | Job::Shutdown => {}
-                }
+        let ops = batch_ops(jobs);
+        let logged = match (&mut self.log, mode) {
+            (Some(log), Mode::Deferred | Mode::Durable) => {
+                log.append(&ops, mode == Mode::Durable)? == Appended::Logged
+            }
+            _ => false,
+        };
+        // Without a log, a deferred batch is a commit without a sync. With one, a batch the
+        // log did not take is a checkpoint: else a later logged batch could outlive it.
+        let checkpoint = !logged && (self.log.is_some() || mode != Mode::Deferred);
+        // A checkpoint names the log's new tag (none at close, or when no log can be kept):
+        // records of an older one are never replayed.
+        let log_tag = match &self.log {
+            Some(log) if checkpoint => {
+                Some((mode != Mode::Final && log.is_usable()).then(wal::fresh_tag))
+            }
+            _ => None,
+        };
+        let committed = commit(db.writable(path), &ops, checkpoint, log_tag, path);
+        if let Some(log) = self.log.as_mut() {
+            match (&committed, log_tag) {
+                (Err(_), _) => log.revoke(),
+                (Ok(()), Some(tag)) => log.restart(tag),
+                (Ok(()), None) => log.committed(),
             }
         }
-        txn.commit().map_err(|e| redb_err(e.into()))?;
+        committed?;
         // No read snapshot may outlive a transaction: it would keep redb from reusing the
         // pages freed from now on (see the cache).
         self.file.forget_snapshots();
         let mut unsynced = self.file.unsynced();
-        if durable {
+        if checkpoint {
             unsynced.clear();
         } else {
+            // Only redb's live instance has them: a reopen after a failure writes them again.
             unsynced.record(
                 jobs.iter()
                     .flat_map(Job::changes)
@@ -598,8 +624,72 @@ impl Writer {
                     }),
             );
         }
-        Ok(())
+        Ok(Written {
+            checkpoint,
+            durable: checkpoint || (logged && mode == Mode::Durable),
+        })
     }
+}
+
+/// One redb transaction of `ops`, durable for a checkpoint; `log_tag`: the log's tag to record
+/// (Some(None): retire the log).
+fn commit(
+    db: Result<&redb::Database>,
+    ops: &[Op<'_>],
+    checkpoint: bool,
+    log_tag: Option<Option<u64>>,
+    path: &str,
+) -> Result<()> {
+    let redb_err = |e: redb::Error| from_redb(path, e);
+    let mut txn = db?.begin_write().map_err(|e| redb_err(e.into()))?;
+    txn.set_durability(if checkpoint {
+        Durability::Immediate
+    } else {
+        Durability::None
+    })
+    .map_err(|e| redb_err(e.into()))?;
+    wal::apply(&txn, ops, path)?;
+    if let Some(tag) = log_tag {
+        let mut meta = txn.open_table(META_TABLE).map_err(|e| redb_err(e.into()))?;
+        match tag {
+            Some(tag) => meta.insert(WAL_KEY, tag.to_le_bytes().as_slice()).map(drop),
+            None => meta.remove(WAL_KEY).map(drop),
+        }
+        .map_err(|e| redb_err(e.into()))?;
+    }
+    txn.commit().map_err(|e| redb_err(e.into()))
+}
+
+/// The changes a batch writes, in order: entries, and the bookkeeping of key leases.
+fn batch_ops(jobs: &[Job]) -> Vec<Op<'_>> {
+    let mut ops = Vec::new();
+    for job in jobs {
+        for (state, key, change) in job.changes() {
+            ops.push(Op {
+                table: state.redb_name.as_str(),
+                key,
+                value: match change {
+                    Change::Put(record) => Some(Cow::Borrowed(&**record)),
+                    Change::Delete => None,
+                },
+            });
+        }
+        if let Job::Lease { table, until, .. } = job {
+            ops.push(Op {
+                table: META_TABLE.name(),
+                key: table.sequence_key.as_str(),
+                value: Some(Cow::Owned(until.to_le_bytes().to_vec())),
+            });
+            if let Some(format) = table.key_format() {
+                ops.push(Op {
+                    table: META_TABLE.name(),
+                    key: table.keys_key.as_str(),
+                    value: Some(Cow::Owned(format.encode().into_bytes())),
+                });
+            }
+        }
+    }
+    ops
 }
 
 fn push_job(jobs: &mut Vec<Job>, job: Job) {

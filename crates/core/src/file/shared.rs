@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::error::{Error, ErrorCode, Result};
 use crate::file::commit_queue::{CommitQueue, Job};
 use crate::file::storage::{DatabaseOptions, StoreFile};
+use crate::file::wal::Log;
 
 /// The per-file core shared by every handle in the process.
 pub(crate) struct Shared {
@@ -27,7 +28,10 @@ impl std::ops::Deref for Shared {
 impl Shared {
     pub(crate) fn open(location: &Path, options: &DatabaseOptions) -> Result<Shared> {
         let (file, repaired) = StoreFile::open(location, options)?;
-        let queue = CommitQueue::start(file.clone(), options.sync_interval)?;
+        // A durable store's batches are made durable by its write-ahead log.
+        let log = (options.durable && !options.read_only)
+            .then(|| Log::new(location, options.backend.clone()));
+        let queue = CommitQueue::start(file.clone(), options.sync_interval, log)?;
         Ok(Shared {
             file,
             queue,

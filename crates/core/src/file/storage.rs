@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use std::ops::Bound;
 
-use redb::{BackendError, ReadableTable, TableDefinition, TableError};
+use redb::{BackendError, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
 use crate::cache::EntryCache;
 use crate::error::{from_redb, Error, Result};
@@ -357,7 +357,13 @@ impl StoreFile {
             options.read_only,
         )?;
         let db = Arc::new(db);
-        crate::error::guard_damage(&path, || check_format(&db, &path))?;
+        let checked = crate::error::guard_damage(&path, || check_format(&db, &path))
+            .and_then(|()| crate::error::guard_damage(&path, || replay_log(&db, location, &path)));
+        if let Err(err) = checked {
+            // Closing an instance of a damaged file can panic too.
+            let _ = catch_unwind(AssertUnwindSafe(move || drop(db)));
+            return Err(err);
+        }
         let file = Arc::new(StoreFile {
             path,
             location: location.to_path_buf(),
@@ -435,7 +441,10 @@ impl StoreFile {
                 self.path
             ),
         });
-        drop(slot.take());
+        // Closing the old instance makes its non-durable commits durable, which can panic on
+        // a damaged page: reopening writes them again anyway.
+        let old = slot.take();
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(old)));
         *slot = Some(self.reopen()?);
         Ok(())
     }
@@ -628,6 +637,26 @@ fn decode_u64(bytes: &[u8]) -> u64 {
     let n = bytes.len().min(8);
     raw[..n].copy_from_slice(&bytes[..n]);
     u64::from_le_bytes(raw)
+}
+
+/// After a crash: a writable open replays the write-ahead log (see `wal`); a read-only open,
+/// which cannot, refuses a file whose log holds records it lacks.
+fn replay_log(db: &Instance, location: &Path, path: &str) -> Result<()> {
+    match db {
+        Instance::Writable(db) => crate::file::wal::replay(db, location, path).map(drop),
+        Instance::ReadOnly(db) => {
+            let txn = db.begin_read().map_err(|e| from_redb(path, e.into()))?;
+            if crate::file::wal::needs_replay(&txn, location, path)? {
+                return Err(Error::DatabaseCorrupt {
+                    path: path.to_string(),
+                    detail: "it was not closed cleanly and its write-ahead log holds commits \
+                             that a read-only open cannot apply: open it read-write once"
+                        .into(),
+                });
+            }
+            Ok(())
+        }
+    }
 }
 
 fn check_format(db: &Instance, path: &str) -> Result<()> {
