@@ -147,6 +147,7 @@ impl CommitQueue {
             broken: false,
             retry: Retry::default(),
             log,
+            log_refused: false,
         }));
         let shared = writer.clone();
         let thread = std::thread::Builder::new()
@@ -251,6 +252,8 @@ struct Writer {
     retry: Retry,
     /// The write-ahead log of a durable store (None: durable batches are durable redb commits).
     log: Option<Log>,
+    /// The last batch failed at its log record, before redb saw it.
+    log_refused: bool,
 }
 
 /// How a batch is written.
@@ -395,7 +398,10 @@ impl Writer {
         self.file.recover()?;
         self.broken = false;
         self.retry.reset();
-        self.synced();
+        // Changes the log holds are written again without a sync: still due for a checkpoint.
+        if self.file.unsynced().is_empty() {
+            self.synced();
+        }
         Ok(())
     }
 
@@ -409,10 +415,17 @@ impl Writer {
         self.stats.unsynced_batches.store(0, Ordering::Relaxed);
     }
 
-    /// At shutdown: gives back the unused rest of each key lease and makes everything
-    /// durable, reopening a broken file first. If that fails (the disk is still full), the
-    /// non-durable commits since the last sync are lost with the instance: the error says so.
+    /// At shutdown: see [`Writer::finish`]; then the log file is closed.
     fn close(&mut self) -> Result<()> {
+        let outcome = self.finish();
+        self.log = None;
+        outcome
+    }
+
+    /// Gives back the unused rest of each key lease and makes everything durable, reopening a
+    /// broken file first. If that fails (the disk is still full), the non-durable commits since
+    /// the last sync are lost with the instance: the error says so.
+    fn finish(&mut self) -> Result<()> {
         let at_risk = self.stats.unsynced_batches.load(Ordering::Relaxed);
         let path = self.file.path().to_string();
         let lost = |err: Error| Error::Io {
@@ -537,7 +550,10 @@ impl Writer {
                 carry
             }
             Err(err) => {
-                self.broke();
+                // A batch refused by the log never reached redb: the file needs no reopen.
+                if !std::mem::take(&mut self.log_refused) {
+                    self.broke();
+                }
                 self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
                 for job in jobs {
                     fail_job(job, &err);
@@ -577,13 +593,16 @@ impl Writer {
         let ops = batch_ops(jobs);
         let logged = match (&mut self.log, mode) {
             (Some(log), Mode::Deferred | Mode::Durable) => {
-                log.append(&ops, mode == Mode::Durable)? == Appended::Logged
+                let appended = log.append(&ops, mode == Mode::Durable);
+                self.log_refused = appended.is_err();
+                appended? == Appended::Logged
             }
             _ => false,
         };
         // Without a log, a deferred batch is a commit without a sync. With one, a batch the
         // log did not take is a checkpoint: else a later logged batch could outlive it.
-        let checkpoint = !logged && (self.log.is_some() || mode != Mode::Deferred);
+        let keeps_log = self.log.as_ref().is_some_and(Log::is_usable);
+        let checkpoint = !logged && (keeps_log || mode != Mode::Deferred);
         // A checkpoint names the log's new tag (none at close, or when no log can be kept):
         // records of an older one are never replayed.
         let log_tag = match &self.log {
@@ -608,8 +627,10 @@ impl Writer {
         if checkpoint {
             unsynced.clear();
         } else {
-            // Only redb's live instance has them: a reopen after a failure writes them again.
+            // Only redb's live instance has them (and the log, when it took them): a reopen
+            // after a failure writes them again.
             unsynced.record(
+                logged,
                 jobs.iter()
                     .flat_map(Job::changes)
                     .map(|(table, key, change)| {

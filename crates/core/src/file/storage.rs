@@ -418,7 +418,9 @@ impl StoreFile {
         if !unsynced.is_empty() {
             let writable = db.writable(&self.path)?;
             crate::error::guard_damage(&self.path, || unsynced.rewrite(writable, &self.path))?;
-            unsynced.clear();
+            if !unsynced.is_logged() {
+                unsynced.clear();
+            }
         }
         Ok(Arc::new(db))
     }
