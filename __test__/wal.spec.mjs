@@ -6,7 +6,10 @@ import { once } from 'node:events'
 import { copyFileSync, existsSync, readFileSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { createInterface } from 'node:readline'
-import { kv, kvstore, put, runAndKill, tempDir } from './helpers.mjs'
+import { kv, kvstore, put, runAndKill, tempDir, tmpfs } from './helpers.mjs'
+
+// Mounting a tmpfs (a real full disk) needs root; CI runs as root.
+const asRoot = process.getuid?.() === 0 ? test : test.skip
 
 const crashWriter = new URL('./fixtures/crash-writer.mjs', import.meta.url).pathname
 const dist = new URL('../dist/index.js', import.meta.url).href
@@ -224,4 +227,45 @@ test('defect: a backup put back in place of its store does not take on commits m
     'the restored store holds what the backup holds',
   )
   await restored.close()
+})
+
+/** Fills the file system of `dir` to the last block with ballast files. */
+function fillDisk(dir) {
+  let n = 0
+  for (const size of [64 << 10, 4 << 10]) {
+    try {
+      for (;;) writeFileSync(join(dir, `ballast-${n++}`), Buffer.alloc(size, 1))
+    } catch (err) {
+      if (err.code !== 'ENOSPC') throw err
+    }
+  }
+}
+
+/** On a fresh 16 MiB tmpfs: 40 keys of 16 KiB written 5 times, a full disk, then 200 durable same-size updates. */
+async function updatesOnFullDisk(t, name) {
+  const path = join(tmpfs(t, '16m'), name)
+  const store = await kv.MapStore.open(path, { codec: kv.codecs.raw })
+  const value = (i) => Buffer.alloc(16 << 10, i % 251)
+  // Five rounds of updates leave redb free pages inside its file to reuse.
+  for (let round = 0; round < 5; round++) for (let k = 0; k < 40; k++) await put(store, `k${k}`, value(round))
+  fillDisk(join(path, '..'))
+  const failures = []
+  for (let i = 0; i < 200; i++) {
+    const lock = await store.createAndLockEntry(`k${i % 40}`, { allowExisting: true })
+    lock.entry.value = value(i)
+    await lock.commit().catch((err) => failures.push(`${i}: ${err.code} ${err.systemCode}`))
+  }
+  await store.close().catch(() => {})
+  return failures
+}
+
+asRoot('defect: on a full disk a durable store keeps making same-size updates, as it does without a log (it is not wedged until space returns)', async (t) => {
+  // Control: a store whose -wal cannot be created (a 255-byte name) commits through redb alone;
+  // each durable commit reuses the pages the one before it freed, so a full disk takes them all.
+  t.deepEqual(await updatesOnFullDisk(t, `${'n'.repeat(250)}.redb`), [], 'without a log every update goes through')
+  // With the log, redb commits without a sync and cannot reuse pages freed since the last
+  // checkpoint: the file must grow, the commit fails with ENOSPC, and from then on every commit
+  // fails (the writer cannot reopen the file) until space returns: here ~55 pass, ~145 fail.
+  const failures = await updatesOnFullDisk(t, 'state.redb')
+  t.is(failures.length, 0, `${failures.length} of 200 updates failed, the first: ${failures[0]}`)
 })
