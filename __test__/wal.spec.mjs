@@ -269,3 +269,20 @@ asRoot('defect: on a full disk a durable store keeps making same-size updates, a
   const failures = await updatesOnFullDisk(t, 'state.redb')
   t.is(failures.length, 0, `${failures.length} of 200 updates failed, the first: ${failures[0]}`)
 })
+
+test('defect: the log of a store named `events` does not overwrite another store named `events-wal`', async (t) => {
+  // `<file>-wal` is opened (created if missing, never truncated) and written from offset 0
+  // whatever the file already holds: a store whose path is `<file>-wal` is zeroed and overwritten
+  // by the first checkpoint of `<file>`, and then refuses to open ("Not a redb database").
+  const dir = tempDir(t)
+  const other = await kv.MapStore.open(join(dir, 'events-wal'))
+  await put(other, 'e1', 'kept')
+  await other.close()
+  const store = await kv.MapStore.open(join(dir, 'events'))
+  await put(store, 'a1', 1)
+  await put(store, 'a2', 2)
+  await store.close()
+  const again = await kv.MapStore.open(join(dir, 'events-wal'))
+  t.is(again.getEntry('e1')?.value, 'kept')
+  await again.close()
+})
