@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use redb::{Durability, TableHandle};
 
 use crate::error::{from_redb, Error, Result};
-use crate::file::storage::{StoreFile, TableState, META_TABLE};
+use crate::file::storage::{
+    StoreFile, TableState, FORMAT_KEY, FORMAT_VERSION, FORMAT_WITH_LOG, META_TABLE,
+};
 use crate::file::wal::{self, Appended, Log, Op, WAL_KEY};
 use crate::locks::LockToken;
 use crate::map::{Change, CommitCallback};
@@ -147,7 +149,6 @@ impl CommitQueue {
             broken: false,
             retry: Retry::default(),
             log,
-            log_refused: false,
         }));
         let shared = writer.clone();
         let thread = std::thread::Builder::new()
@@ -252,8 +253,6 @@ struct Writer {
     retry: Retry,
     /// The write-ahead log of a durable store (None: durable batches are durable redb commits).
     log: Option<Log>,
-    /// The last batch failed at its log record, before redb saw it.
-    log_refused: bool,
 }
 
 /// How a batch is written.
@@ -398,10 +397,7 @@ impl Writer {
         self.file.recover()?;
         self.broken = false;
         self.retry.reset();
-        // Changes the log holds are written again without a sync: still due for a checkpoint.
-        if self.file.unsynced().is_empty() {
-            self.synced();
-        }
+        self.synced();
         Ok(())
     }
 
@@ -550,10 +546,7 @@ impl Writer {
                 carry
             }
             Err(err) => {
-                // A batch refused by the log never reached redb: the file needs no reopen.
-                if !std::mem::take(&mut self.log_refused) {
-                    self.broke();
-                }
+                self.broke();
                 self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
                 for job in jobs {
                     fail_job(job, &err);
@@ -591,27 +584,41 @@ impl Writer {
         let path = self.file.path();
         let db = self.file.db()?;
         let ops = batch_ops(jobs);
+        // A record the log could not write or sync (it may have landed all the same) is never
+        // replayed: the batch becomes a checkpoint, whose new tag retires it durably.
         let logged = match (&mut self.log, mode) {
             (Some(log), Mode::Deferred | Mode::Durable) => {
-                let appended = log.append(&ops, mode == Mode::Durable);
-                self.log_refused = appended.is_err();
-                appended? == Appended::Logged
+                log.append(&ops, mode == Mode::Durable).ok() == Some(Appended::Logged)
             }
             _ => false,
         };
         // Without a log, a deferred batch is a commit without a sync. With one, a batch the
         // log did not take is a checkpoint: else a later logged batch could outlive it.
-        let keeps_log = self.log.as_ref().is_some_and(Log::is_usable);
-        let checkpoint = !logged && (keeps_log || mode != Mode::Deferred);
+        // Whether a log can be kept: its file is opened before a checkpoint names a tag for it.
+        let keeps_log = self.log.as_mut().is_some_and(Log::is_usable);
+        let mut checkpoint = !logged && (keeps_log || mode != Mode::Deferred);
         // A checkpoint names the log's new tag (none at close, or when no log can be kept):
         // records of an older one are never replayed.
-        let log_tag = match &self.log {
-            Some(log) if checkpoint => {
-                Some((mode != Mode::Final && log.is_usable()).then(wal::fresh_tag))
-            }
+        let tag_for = |checkpoint: bool| match (keeps_log, checkpoint) {
+            (true, true) => Some((mode != Mode::Final).then(wal::fresh_tag)),
+            (false, true) if self.log.is_some() => Some(None),
             _ => None,
         };
-        let committed = commit(db.writable(path), &ops, checkpoint, log_tag, path);
+        let mut log_tag = tag_for(checkpoint);
+        let mut committed = commit(db.writable(path), &ops, checkpoint, log_tag, path);
+        if !checkpoint && self.log.is_some() && is_no_space(&committed) {
+            // A commit without a sync cannot reuse the pages freed since the last checkpoint, so
+            // a full disk refuses it where a durable commit would go through: reopen the file
+            // (at its last durable state, those pages free again; the changes since are written
+            // again, durably) and commit the batch as a checkpoint.
+            checkpoint = true;
+            log_tag = tag_for(true);
+            committed = self
+                .file
+                .recover()
+                .and_then(|()| self.file.db())
+                .and_then(|db| commit(db.writable(path), &ops, true, log_tag, path));
+        }
         if let Some(log) = self.log.as_mut() {
             match (&committed, log_tag) {
                 (Err(_), _) => log.revoke(),
@@ -629,8 +636,13 @@ impl Writer {
         } else {
             // Only redb's live instance has them (and the log, when it took them): a reopen
             // after a failure writes them again.
+            // Key leases' bookkeeping too: a reopen must not hand their numbers out again.
+            let leases: Vec<(&str, &str, Option<Arc<[u8]>>)> = ops
+                .iter()
+                .filter(|op| op.table == META_TABLE.name())
+                .map(|op| (op.table, op.key, op.value.as_deref().map(Arc::from)))
+                .collect();
             unsynced.record(
-                logged,
                 jobs.iter()
                     .flat_map(Job::changes)
                     .map(|(table, key, change)| {
@@ -642,7 +654,8 @@ impl Writer {
                                 Change::Delete => None,
                             },
                         )
-                    }),
+                    })
+                    .chain(leases),
             );
         }
         Ok(Written {
@@ -650,6 +663,16 @@ impl Writer {
             durable: checkpoint || (logged && mode == Mode::Durable),
         })
     }
+}
+
+fn is_no_space(outcome: &Result<()>) -> bool {
+    matches!(
+        outcome,
+        Err(Error::Io {
+            errno: Some(28),
+            ..
+        })
+    )
 }
 
 /// One redb transaction of `ops`, durable for a checkpoint; `log_tag`: the log's tag to record
@@ -672,11 +695,19 @@ fn commit(
     wal::apply(&txn, ops, path)?;
     if let Some(tag) = log_tag {
         let mut meta = txn.open_table(META_TABLE).map_err(|e| redb_err(e.into()))?;
-        match tag {
-            Some(tag) => meta.insert(WAL_KEY, tag.to_le_bytes().as_slice()).map(drop),
-            None => meta.remove(WAL_KEY).map(drop),
-        }
-        .map_err(|e| redb_err(e.into()))?;
+        let format = match tag {
+            Some(tag) => {
+                meta.insert(WAL_KEY, tag.to_le_bytes().as_slice())
+                    .map_err(|e| redb_err(e.into()))?;
+                FORMAT_WITH_LOG
+            }
+            None => {
+                meta.remove(WAL_KEY).map_err(|e| redb_err(e.into()))?;
+                FORMAT_VERSION
+            }
+        };
+        meta.insert(FORMAT_KEY, format.to_le_bytes().as_slice())
+            .map_err(|e| redb_err(e.into()))?;
     }
     txn.commit().map_err(|e| redb_err(e.into()))
 }

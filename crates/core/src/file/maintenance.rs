@@ -14,6 +14,7 @@ use crate::error::{from_redb, Error, ErrorCode, Result};
 use crate::file::backups::BackupTicket;
 use crate::file::instance::Instance;
 use crate::file::storage::{StoreFile, FORMAT_KEY, FORMAT_VERSION, META_TABLE};
+use crate::file::wal::WAL_KEY;
 use crate::keys::KeyFormat;
 
 /// Entries copied per write transaction of a backup, so a large copy does not build one huge
@@ -83,15 +84,28 @@ impl FileBackup {
                 .open_table(definition)
                 .map_err(|e| source_err(e.into()))?;
             let entries = source.iter().map_err(|e| source_err(e.into()))?;
+            // The tag of the source's write-ahead log is not copied: a backup is self-contained,
+            // and put back in the source's place it must not take on the source's log.
+            let is_meta = name == META_TABLE.name();
             target.write_table(
                 &name,
-                entries.map(|item| {
-                    item.map(|(key, record)| Guarded(key, record))
-                        .map_err(|e| source_err(e.into()))
-                }),
+                entries
+                    .filter(|item| {
+                        !(is_meta && item.as_ref().is_ok_and(|(key, _)| key.value() == WAL_KEY))
+                    })
+                    .map(|item| {
+                        item.map(|(key, record)| Guarded(key, record))
+                            .map_err(|e| source_err(e.into()))
+                    }),
                 &|| self.ticket.check(),
             )?;
         }
+        // The copy has no live log: it is of the format without one.
+        target.write_table(
+            META_TABLE.name(),
+            [Ok((FORMAT_KEY, FORMAT_VERSION.to_le_bytes()))].into_iter(),
+            &|| self.ticket.check(),
+        )?;
         Ok(())
     }
 }

@@ -26,6 +26,9 @@ pub(crate) const META_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new
 pub(crate) const FORMAT_KEY: &str = "format";
 /// Version of the on-disk layout (tables, meta keys, envelope); see FORMAT.md.
 pub const FORMAT_VERSION: u64 = 1;
+/// The format recorded while a write-ahead log is live (FORMAT.md): builds that know no log
+/// refuse such a file instead of opening it without the commits still in its log.
+pub(crate) const FORMAT_WITH_LOG: u64 = 2;
 /// Largest record (envelope + value) one commit may write.
 pub const MAX_RECORD_BYTES: usize = 1 << 30;
 
@@ -357,8 +360,12 @@ impl StoreFile {
             options.read_only,
         )?;
         let db = Arc::new(db);
-        let checked = crate::error::guard_damage(&path, || check_format(&db, &path))
-            .and_then(|()| crate::error::guard_damage(&path, || replay_log(&db, location, &path)));
+        let checked =
+            crate::error::guard_damage(&path, || check_format(&db, &path)).and_then(|()| {
+                crate::error::guard_damage(&path, || {
+                    replay_log(&db, location, options.backend.as_ref(), &path)
+                })
+            });
         if let Err(err) = checked {
             // Closing an instance of a damaged file can panic too.
             let _ = catch_unwind(AssertUnwindSafe(move || drop(db)));
@@ -418,9 +425,7 @@ impl StoreFile {
         if !unsynced.is_empty() {
             let writable = db.writable(&self.path)?;
             crate::error::guard_damage(&self.path, || unsynced.rewrite(writable, &self.path))?;
-            if !unsynced.is_logged() {
-                unsynced.clear();
-            }
+            unsynced.clear();
         }
         Ok(Arc::new(db))
     }
@@ -643,12 +648,12 @@ fn decode_u64(bytes: &[u8]) -> u64 {
 
 /// After a crash: a writable open replays the write-ahead log (see `wal`); a read-only open,
 /// which cannot, refuses a file whose log holds records it lacks.
-fn replay_log(db: &Instance, location: &Path, path: &str) -> Result<()> {
+fn replay_log(db: &Instance, location: &Path, backend: Option<&Backend>, path: &str) -> Result<()> {
     match db {
-        Instance::Writable(db) => crate::file::wal::replay(db, location, path).map(drop),
+        Instance::Writable(db) => crate::file::wal::replay(db, location, backend, path).map(drop),
         Instance::ReadOnly(db) => {
             let txn = db.begin_read().map_err(|e| from_redb(path, e.into()))?;
-            if crate::file::wal::needs_replay(&txn, location, path)? {
+            if crate::file::wal::needs_replay(&txn, location, backend, path)? {
                 return Err(Error::DatabaseCorrupt {
                     path: path.to_string(),
                     detail: "it was not closed cleanly and its write-ahead log holds commits \
@@ -664,7 +669,7 @@ fn replay_log(db: &Instance, location: &Path, path: &str) -> Result<()> {
 fn check_format(db: &Instance, path: &str) -> Result<()> {
     let err = |e: redb::Error| from_redb(path, e);
     let check = |stored: Option<u64>| match stored {
-        Some(FORMAT_VERSION) | None => Ok(()),
+        Some(FORMAT_VERSION | FORMAT_WITH_LOG) | None => Ok(()),
         Some(other) => Err(Error::DatabaseCorrupt {
             path: path.to_string(),
             detail: format!(

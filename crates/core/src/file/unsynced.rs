@@ -18,9 +18,6 @@ pub(crate) struct UnsyncedChanges {
     tables: HashMap<String, Records>,
     /// Non-durable transactions recorded since the last durable one.
     transactions: u64,
-    /// Every one of them is in the write-ahead log too: a reopen may write them again without a
-    /// sync (a crash replays the log).
-    logged: bool,
 }
 
 impl UnsyncedChanges {
@@ -28,13 +25,11 @@ impl UnsyncedChanges {
         self.transactions == 0
     }
 
-    /// Records one acknowledged non-durable transaction; `logged`: the write-ahead log has it.
+    /// Records one acknowledged non-durable transaction.
     pub fn record<'a>(
         &mut self,
-        logged: bool,
         changes: impl IntoIterator<Item = (&'a str, &'a str, Option<Arc<[u8]>>)>,
     ) {
-        self.logged = (self.transactions == 0 || self.logged) && logged;
         for (table, key, record) in changes {
             let keys = match self.tables.get_mut(table) {
                 Some(keys) => keys,
@@ -51,23 +46,12 @@ impl UnsyncedChanges {
         self.transactions = 0;
     }
 
-    /// Whether every kept change is in the write-ahead log.
-    pub fn is_logged(&self) -> bool {
-        self.logged
-    }
-
-    /// Writes every kept change in one transaction (after a reopen): durable, unless the log
-    /// holds them all (then a full disk, which refuses a durable commit, still lets the file
-    /// reopen and be read; the changes stay kept until the next checkpoint).
+    /// Writes every kept change in one durable transaction (after a reopen).
     pub fn rewrite(&self, db: &redb::Database, path: &str) -> Result<()> {
         let err = |e: redb::Error| from_redb(path, e);
         let mut txn = db.begin_write().map_err(|e| err(e.into()))?;
-        txn.set_durability(if self.logged {
-            Durability::None
-        } else {
-            Durability::Immediate
-        })
-        .map_err(|e| err(e.into()))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| err(e.into()))?;
         for (name, keys) in &self.tables {
             let mut table = txn
                 .open_table(TableDefinition::<&str, &[u8]>::new(name))

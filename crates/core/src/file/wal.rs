@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
 use crate::error::{from_redb, Error, Result};
-use crate::file::storage::{Backend, META_TABLE};
+use crate::file::storage::{Backend, FORMAT_KEY, FORMAT_VERSION, META_TABLE};
 
 /// Meta key holding the tag (u64 little-endian) of the live log; absent: no record of the log
 /// is to be replayed.
@@ -77,8 +77,21 @@ pub(crate) fn fresh_tag() -> u64 {
     std::collections::hash_map::RandomState::new().hash_one((n, std::process::id())) | 1
 }
 
+/// The length of the record of `ops`, header included.
+fn record_len(ops: &[Op<'_>]) -> u64 {
+    let body: usize = ops
+        .iter()
+        .map(|op| {
+            1 + 4 + op.table.len() + 4 + op.key.len() + op.value.as_ref().map_or(0, |v| 8 + v.len())
+        })
+        .sum();
+    (HEADER + body) as u64
+}
+
+/// The record of `ops`; its length is at most [`MAX_CAPACITY`] (see [`Log::append`]).
 fn encode(ops: &[Op<'_>], tag: u64, seq: u64) -> Vec<u8> {
-    let mut out = vec![0u8; HEADER];
+    let mut out = Vec::with_capacity(record_len(ops) as usize);
+    out.resize(HEADER, 0);
     for op in ops {
         out.push(if op.value.is_some() { PUT } else { DELETE });
         out.extend_from_slice(&(op.table.len() as u32).to_le_bytes());
@@ -150,7 +163,8 @@ fn decode<'a>(body: &'a [u8], path: &str) -> Result<Vec<Op<'a>>> {
     let mut ops = Vec::new();
     let mut at = 0usize;
     let take = |at: &mut usize, n: usize| -> Result<&'a [u8]> {
-        let bytes = body.get(*at..*at + n).ok_or_else(corrupt)?;
+        let end = at.checked_add(n).ok_or_else(corrupt)?;
+        let bytes = body.get(*at..end).ok_or_else(corrupt)?;
         *at += n;
         Ok(bytes)
     };
@@ -187,12 +201,23 @@ fn live_tag(
         .map(|g| g.value().get(..8).map_or(0, |b| u64_at(b, 0))))
 }
 
-/// The log's bytes; an absent log is empty.
-fn read_log(location: &Path) -> Result<Vec<u8>> {
+/// The log's bytes (through the store's backend when it has one); an absent log is empty.
+fn read_log(location: &Path, backend: Option<&Backend>) -> Result<Vec<u8>> {
     let log = log_path(location);
-    match std::fs::read(&log) {
+    let read = match backend {
+        Some(make) if std::fs::symlink_metadata(&log).is_ok() => (make.0)(&log).and_then(|b| {
+            let mut bytes = vec![0u8; usize::try_from(b.len()?).map_err(std::io::Error::other)?];
+            b.read(0, &mut bytes)?;
+            Ok(bytes)
+        }),
+        _ => std::fs::read(&log),
+    };
+    match read {
         Ok(bytes) => Ok(bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        // A log that cannot exist (its name too long) holds nothing.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(36) => {
+            Ok(Vec::new())
+        }
         Err(e) => Err(Error::io_at(&log, e)),
     }
 }
@@ -200,7 +225,12 @@ fn read_log(location: &Path) -> Result<Vec<u8>> {
 /// At a writable open: applies the records of the live log (if any) in one durable transaction
 /// that also retires it. Returns how many batches were replayed. Replaying is idempotent: each
 /// record holds whole values, applied in order.
-pub(crate) fn replay(db: &redb::Database, location: &Path, path: &str) -> Result<usize> {
+pub(crate) fn replay(
+    db: &redb::Database,
+    location: &Path,
+    backend: Option<&Backend>,
+    path: &str,
+) -> Result<usize> {
     let err = |e: redb::Error| from_redb(path, e);
     let tag = {
         let txn = db.begin_read().map_err(|e| err(e.into()))?;
@@ -213,16 +243,18 @@ pub(crate) fn replay(db: &redb::Database, location: &Path, path: &str) -> Result
     let Some(tag) = tag else {
         return Ok(0);
     };
-    let log = read_log(location)?;
+    let log = read_log(location, backend)?;
     let bodies = records(&log, tag);
     let txn = db.begin_write().map_err(|e| err(e.into()))?;
     for body in &bodies {
         apply(&txn, &decode(body, path)?, path)?;
     }
-    txn.open_table(META_TABLE)
-        .map_err(|e| err(e.into()))?
-        .remove(WAL_KEY)
-        .map_err(|e| err(e.into()))?;
+    {
+        let mut meta = txn.open_table(META_TABLE).map_err(|e| err(e.into()))?;
+        meta.remove(WAL_KEY).map_err(|e| err(e.into()))?;
+        meta.insert(FORMAT_KEY, FORMAT_VERSION.to_le_bytes().as_slice())
+            .map_err(|e| err(e.into()))?;
+    }
     txn.commit().map_err(|e| err(e.into()))?;
     Ok(bodies.len())
 }
@@ -232,6 +264,7 @@ pub(crate) fn replay(db: &redb::Database, location: &Path, path: &str) -> Result
 pub(crate) fn needs_replay(
     txn: &redb::ReadTransaction,
     location: &Path,
+    backend: Option<&Backend>,
     path: &str,
 ) -> Result<bool> {
     let meta = match txn.open_table(META_TABLE) {
@@ -242,7 +275,7 @@ pub(crate) fn needs_replay(
     let Some(tag) = live_tag(&meta, path)? else {
         return Ok(false);
     };
-    Ok(!records(&read_log(location)?, tag).is_empty())
+    Ok(!records(&read_log(location, backend)?, tag).is_empty())
 }
 
 /// The log file, through the store's backend when it has one (tests inject faults there).
@@ -271,6 +304,20 @@ impl LogFile {
             LogFile::Plain(file) => file.metadata().map(|m| m.len()),
             LogFile::Backend(backend) => backend.len(),
         }
+    }
+
+    /// Whether it begins as a log does: empty, zeros or a record.
+    fn starts_as_log(&self) -> std::io::Result<bool> {
+        if self.len()? < 4 {
+            return Ok(self.len()? == 0);
+        }
+        let mut first = [0u8; 4];
+        match self {
+            LogFile::Plain(file) => file.read_exact_at(&mut first, 0)?,
+            LogFile::Backend(backend) => backend.read(0, &mut first)?,
+        }
+        let first = u32::from_le_bytes(first);
+        Ok(first == 0 || first == MAGIC)
     }
 }
 
@@ -328,11 +375,11 @@ impl Log {
         let Some(tag) = self.tag else {
             return Ok(Appended::No);
         };
-        let record = encode(ops, tag, self.seq);
-        let need = self.end + record.len() as u64;
+        let need = self.end + record_len(ops);
         if need > MAX_CAPACITY {
             return Ok(Appended::No);
         }
+        let record = encode(ops, tag, self.seq);
         let written = self.ensure_room(need).and_then(|opened| {
             if !opened {
                 return Ok(false);
@@ -370,20 +417,8 @@ impl Log {
     /// Opens the file and writes zeros ahead until `need` bytes are; false when the file
     /// cannot be opened (the store then commits through redb alone).
     fn ensure_room(&mut self, need: u64) -> std::io::Result<bool> {
-        if self.file.is_none() {
-            if self.unavailable {
-                return Ok(false);
-            }
-            match self.open() {
-                Ok(file) => {
-                    self.capacity = file.len()?;
-                    self.file = Some(file);
-                }
-                Err(_) => {
-                    self.unavailable = true;
-                    return Ok(false);
-                }
-            }
+        if !self.is_usable() {
+            return Ok(false);
         }
         if need <= self.capacity {
             return Ok(true);
@@ -406,17 +441,33 @@ impl Log {
         Ok(true)
     }
 
+    /// Opens the log, creating it (and syncing its directory, so the new name survives a power
+    /// loss); a file there that is not a log (another store's file named like it) is refused.
     fn open(&self) -> std::io::Result<LogFile> {
-        if let Some(make) = &self.backend {
-            return (make.0)(&self.path).map(LogFile::Backend);
+        let existed = std::fs::symlink_metadata(&self.path).is_ok();
+        let file = match &self.backend {
+            Some(make) => LogFile::Backend((make.0)(&self.path)?),
+            None => LogFile::Plain(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&self.path)?,
+            ),
+        };
+        if existed && !file.starts_as_log()? {
+            return Err(std::io::Error::other(format!(
+                "'{}' is not a write-ahead log of kvstore",
+                self.path.display()
+            )));
         }
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&self.path)
-            .map(LogFile::Plain)
+        if !existed {
+            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                File::open(dir)?.sync_all()?;
+            }
+        }
+        Ok(file)
     }
 
     /// redb committed the batch of the last record.
@@ -446,8 +497,18 @@ impl Log {
         self.pending = None;
     }
 
-    /// Whether checkpoints keep a log (false once it could not be opened).
-    pub fn is_usable(&self) -> bool {
+    /// Whether checkpoints keep a log: its file is open (opened now if need be), or false once
+    /// it could not be opened.
+    pub fn is_usable(&mut self) -> bool {
+        if self.file.is_none() && !self.unavailable {
+            match self.open().and_then(|file| Ok((file.len()?, file))) {
+                Ok((len, file)) => {
+                    self.capacity = len;
+                    self.file = Some(file);
+                }
+                Err(_) => self.unavailable = true,
+            }
+        }
         !self.unavailable
     }
 
