@@ -1069,3 +1069,106 @@ fn rejected_batch_then_kill(test: &str, fail_zeroing: bool) {
     db.close();
     assert_eq!(y, None, "the rejected batch was replayed after the kill");
 }
+
+// ---- deletes, and a compaction between logged batches ----
+
+#[test]
+fn logged_deletes_and_commits_around_a_compaction_survive_a_kill() {
+    const TEST: &str = "logged_deletes_and_commits_around_a_compaction_survive_a_kill";
+    if let Some(path) = child_of(TEST, "writer") {
+        let (db, map) = open_map(&path, durable_no_timer());
+        for i in 0..20 {
+            let key = format!("k{i:02}");
+            put(&map, &key, &vec![b'v'; 4 << 10]);
+            say(format_args!("ack {key} put"));
+        }
+        // Frees pages for the compaction to reclaim; logged like any batch.
+        for i in 0..10 {
+            let key = format!("k{i:02}");
+            map.delete(&key).unwrap();
+            say(format_args!("ack {key} deleted"));
+        }
+        say(format_args!("compacted {}", db.compact().unwrap()));
+        for i in 5..15 {
+            let key = format!("k{i:02}");
+            put(&map, &key, b"after");
+            say(format_args!("ack {key} after"));
+        }
+        map.delete("k19").unwrap();
+        say("ack k19 deleted");
+        wait_for_kill();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let child = Crash::start(TEST, "writer", &path);
+    let mut acked = BTreeMap::new();
+    loop {
+        let words = child.next();
+        match words[0].as_str() {
+            "ack" => {
+                acked.insert(words[1].clone(), words[2].clone());
+            }
+            "compacted" => eprintln!("compacted: {}", words[1]),
+            _ => break,
+        }
+    }
+    child.kill();
+    assert!(!log_records(&std::fs::read(wal_of(&path)).unwrap()).is_empty());
+    let keys: Vec<String> = acked.keys().cloned().collect();
+    let found = entries(&path, DatabaseOptions::default(), &keys);
+    for (key, what) in &acked {
+        let got = found.get(key).map(|v| match v.as_slice() {
+            b"after" => "after",
+            _ => "put",
+        });
+        let expected = (what != "deleted").then_some(what.as_str());
+        assert_eq!(got, expected, "key {key}");
+    }
+}
+
+// ---- checkpoints by the timer, between logged batches ----
+
+#[test]
+fn commits_survive_a_kill_among_frequent_timer_checkpoints() {
+    const TEST: &str = "commits_survive_a_kill_among_frequent_timer_checkpoints";
+    const THREADS: usize = 4;
+    if let Some(path) = child_of(TEST, "writers") {
+        // A checkpoint falls due 1 ms after each logged batch: tags change all the time, by
+        // the next batch or by the idle writer.
+        let options = DatabaseOptions {
+            sync_interval: Duration::from_millis(1),
+            ..Default::default()
+        };
+        let (_db, map) = open_map(&path, options);
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let map = map.clone();
+                s.spawn(move || {
+                    for n in 0..100_000u64 {
+                        let key = format!("t{t}-k{}", n % 3);
+                        put(&map, &key, n.to_string().as_bytes());
+                        say(format_args!("ack {key} {n}"));
+                    }
+                });
+            }
+        });
+        wait_for_kill();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let child = Crash::start(TEST, "writers", &path);
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    for _ in 0..1500 {
+        let words = child.next();
+        let n: u64 = words[2].parse().unwrap();
+        let best = acked.entry(words[1].clone()).or_default();
+        *best = (*best).max(n);
+    }
+    child.kill();
+    let keys: Vec<String> = acked.keys().cloned().collect();
+    let found = entries(&path, DatabaseOptions::default(), &keys);
+    for (key, n) in &acked {
+        let got: u64 = std::str::from_utf8(&found[key]).unwrap().parse().unwrap();
+        assert!(got >= *n, "{key}: {got} < acknowledged {n}");
+    }
+}
