@@ -1172,3 +1172,35 @@ fn commits_survive_a_kill_among_frequent_timer_checkpoints() {
         assert!(got >= *n, "{key}: {got} < acknowledged {n}");
     }
 }
+
+// ---- a durable and a non-durable handle of one file ----
+
+#[test]
+fn a_non_durable_commit_before_an_acknowledged_durable_one_survives_a_kill() {
+    const TEST: &str = "a_non_durable_commit_before_an_acknowledged_durable_one_survives_a_kill";
+    if let Some(path) = child_of(TEST, "writer") {
+        let (_durable, a) = open_map(&path, durable_no_timer());
+        // The same file's core, through a handle whose commits do not wait for durability:
+        // they are logged without a sync.
+        let (_deferred, b) = open_map(
+            &path,
+            DatabaseOptions {
+                durable: false,
+                ..durable_no_timer()
+            },
+        );
+        for i in 0..10 {
+            put(&b, &format!("b{i}"), b"deferred");
+            say(format_args!("ack b{i} deferred"));
+            // Durable, and with it every batch before it.
+            put(&a, &format!("a{i}"), b"durable");
+            say(format_args!("ack a{i} durable"));
+        }
+        wait_for_kill();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let acked = crash_after_writes(TEST, "writer", &path);
+    assert_eq!(acked.len(), 20);
+    assert_has(&path, DatabaseOptions::default(), &acked);
+}
