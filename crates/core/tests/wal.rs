@@ -877,13 +877,13 @@ fn a_store_opened_through_a_symlink_logs_beside_the_real_file() {
 
 // ---- 6b. auto keys after a failed write reopened the file ----
 //
-// DEFECT (fails at ec8894b and f3a9693): a key lease is a logged batch that redb commits
-// without a sync; when a later batch fails in redb and the file is reopened, the reopen writes
-// again only the entries kept since the last checkpoint, not the leases' bookkeeping, and the
-// next batch is a checkpoint under a new tag that retires the log holding them. The file then
-// says the lease ends where the last checkpoint left it (4 here), and after a kill the numbers
-// 4..11, handed out before it, are handed out again ("0000000000004 was handed out before the
-// kill").
+// DEFECT found by this test (it fails at ec8894b, f3a9693 and 9d29c97; fixed by 0da8034, "key
+// leases kept for a reopen"): a key lease is a logged batch that redb commits without a sync;
+// when a later batch failed in redb and the file was reopened, the reopen wrote again only the
+// entries kept since the last checkpoint, not the leases' bookkeeping, and the next batch was a
+// checkpoint under a new tag that retired the log holding them. The file then said the lease
+// ended where the last checkpoint left it (4 here), and after a kill the numbers 4..11, handed
+// out before it, were handed out again ("0000000000004 was handed out before the kill").
 
 #[test]
 fn auto_keys_leased_before_a_failed_write_are_not_handed_out_again_after_a_kill() {
@@ -999,12 +999,12 @@ fn a_batch_rejected_after_its_record_was_logged_is_not_replayed() {
     );
 }
 
-/// DEFECT (fails with the src of 9d29c97, and with the uncommitted src changes in the tree at
-/// 19:20 UTC; revoke() has been best effort since ec8894b): when the zeroing of a rejected
-/// batch's record header fails too (the disk returns EIO for the log as well), the record stays
-/// valid under the live tag, and a kill before the next checkpoint replays the batch that the
-/// caller was told failed. FORMAT.md and README say such a batch is rejected and its record
-/// revoked; wal.rs calls the zeroing "best effort".
+/// DEFECT, NOT FIXED (fails with the src of 9d29c97 and of 0da8034; revoke() has been best
+/// effort since ec8894b): when the zeroing of a rejected batch's record header fails too (the
+/// disk returns EIO for the log as well), the record stays valid under the live tag, and a kill
+/// before the next checkpoint replays the batch that the caller was told failed. FORMAT.md and
+/// README say such a batch is rejected and its record revoked; wal.rs calls the zeroing "best
+/// effort".
 #[test]
 fn defect_a_rejected_batch_whose_revocation_failed_is_replayed_after_a_kill() {
     rejected_batch_then_kill(
