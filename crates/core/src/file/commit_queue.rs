@@ -637,11 +637,11 @@ impl Writer {
             // Only redb's live instance has them (and the log, when it took them): a reopen
             // after a failure writes them again.
             // Key leases' bookkeeping too: a reopen must not hand their numbers out again.
-            let leases: Vec<(&str, &str, Option<Arc<[u8]>>)> = ops
+            let leases = ops
                 .iter()
                 .filter(|op| op.table == META_TABLE.name())
                 .map(|op| (op.table, op.key, op.value.as_deref().map(Arc::from)))
-                .collect();
+                .collect::<Vec<_>>();
             unsynced.record(
                 jobs.iter()
                     .flat_map(Job::changes)

@@ -9,6 +9,9 @@ use redb::{Durability, TableDefinition};
 
 use crate::error::{from_redb, Result};
 
+/// Bytes per transaction of a chunked [`UnsyncedChanges::rewrite`].
+const REWRITE_CHUNK: usize = 64 << 10;
+
 /// The last acknowledged record of each key of one table (`None`: deleted).
 type Records = HashMap<Box<str>, Option<Arc<[u8]>>>;
 
@@ -46,24 +49,49 @@ impl UnsyncedChanges {
         self.transactions = 0;
     }
 
-    /// Writes every kept change in one durable transaction (after a reopen).
-    pub fn rewrite(&self, db: &redb::Database, path: &str) -> Result<()> {
+    /// Writes every kept change again, durably (after a reopen): in one transaction, or, when
+    /// the write-ahead log holds them all (`logged`: a crash midway replays the log), in
+    /// transactions of about [`REWRITE_CHUNK`] bytes, each reusing the pages the one before it
+    /// freed — on a full disk one large transaction would find no room.
+    pub fn rewrite(&self, db: &redb::Database, path: &str, logged: bool) -> Result<()> {
         let err = |e: redb::Error| from_redb(path, e);
-        let mut txn = db.begin_write().map_err(|e| err(e.into()))?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| err(e.into()))?;
-        for (name, keys) in &self.tables {
-            let mut table = txn
-                .open_table(TableDefinition::<&str, &[u8]>::new(name))
-                .map_err(|e| err(e.into()))?;
-            for (key, record) in keys {
+        let changes = self
+            .tables
+            .iter()
+            .flat_map(|(name, keys)| keys.iter().map(move |(key, record)| (name, key, record)));
+        let mut txn: Option<redb::WriteTransaction> = None;
+        let mut bytes = 0usize;
+        for (name, key, record) in changes {
+            let open = match txn.take() {
+                Some(open) => open,
+                None => {
+                    let mut open = db.begin_write().map_err(|e| err(e.into()))?;
+                    open.set_durability(Durability::Immediate)
+                        .map_err(|e| err(e.into()))?;
+                    open
+                }
+            };
+            {
+                let mut table = open
+                    .open_table(TableDefinition::<&str, &[u8]>::new(name))
+                    .map_err(|e| err(e.into()))?;
                 match record {
                     Some(record) => table.insert(&**key, &**record).map(drop),
                     None => table.remove(&**key).map(drop),
                 }
                 .map_err(|e| err(e.into()))?;
             }
+            bytes += key.len() + record.as_ref().map_or(0, |r| r.len());
+            if logged && bytes >= REWRITE_CHUNK {
+                open.commit().map_err(|e| err(e.into()))?;
+                bytes = 0;
+            } else {
+                txn = Some(open);
+            }
         }
-        txn.commit().map_err(|e| err(e.into()))
+        match txn {
+            Some(open) => open.commit().map_err(|e| err(e.into())),
+            None => Ok(()),
+        }
     }
 }

@@ -9,7 +9,6 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::hash::BuildHasher;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -133,10 +132,7 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
 fn records(log: &[u8], tag: u64) -> Vec<&[u8]> {
     let mut found = Vec::new();
     let mut at = 0usize;
-    loop {
-        let Some(header) = log.get(at..at + HEADER) else {
-            break;
-        };
+    while let Some(header) = log.get(at..at + HEADER) {
         let len = u32_at(header, 4) as usize;
         let whole = u32_at(header, 0) == MAGIC
             && u64_at(header, 8) == tag
@@ -215,11 +211,21 @@ fn read_log(location: &Path, backend: Option<&Backend>) -> Result<Vec<u8>> {
     match read {
         Ok(bytes) => Ok(bytes),
         // A log that cannot exist (its name too long) holds nothing.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(36) => {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound || name_too_long(&e) => {
             Ok(Vec::new())
         }
         Err(e) => Err(Error::io_at(&log, e)),
     }
+}
+
+#[cfg(unix)]
+fn name_too_long(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENAMETOOLONG)
+}
+
+#[cfg(not(unix))]
+fn name_too_long(_: &std::io::Error) -> bool {
+    false
 }
 
 /// At a writable open: applies the records of the live log (if any) in one durable transaction
@@ -284,10 +290,69 @@ enum LogFile {
     Backend(Box<dyn redb::StorageBackend>),
 }
 
+#[cfg(unix)]
+fn write_at(file: &File, bytes: &[u8], at: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, bytes, at)
+}
+
+#[cfg(unix)]
+fn read_at(file: &File, out: &mut [u8], at: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, out, at)
+}
+
+#[cfg(windows)]
+fn write_at(file: &File, mut bytes: &[u8], mut at: u64) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let n = std::os::windows::fs::FileExt::seek_write(file, bytes, at)?;
+        bytes = &bytes[n..];
+        at += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(windows)]
+fn read_at(file: &File, mut out: &mut [u8], mut at: u64) -> std::io::Result<()> {
+    while !out.is_empty() {
+        let n = std::os::windows::fs::FileExt::seek_read(file, out, at)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        out = &mut out[n..];
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Below this much free space on the store's disk, batches are durable redb commits instead
+/// of log records: between checkpoints redb cannot reuse the pages its commits free, so the
+/// file grows there, and a write that finds the disk full leaves redb unable to go on until the
+/// file is reopened (which needs room too). A durable commit reuses freed pages at once.
+const LOW_SPACE: u64 = 64 << 20;
+
+/// Whether the disk holding `path` has less than [`LOW_SPACE`] free (false when unknown).
+#[cfg(unix)]
+pub(crate) fn space_is_low(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(name) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statvfs the call fills in.
+    if unsafe { libc::statvfs(name.as_ptr(), &mut stats) } != 0 {
+        return false;
+    }
+    (stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64) < LOW_SPACE
+}
+
+#[cfg(not(unix))]
+pub(crate) fn space_is_low(_path: &Path) -> bool {
+    false
+}
+
 impl LogFile {
     fn write(&self, at: u64, bytes: &[u8]) -> std::io::Result<()> {
         match self {
-            LogFile::Plain(file) => file.write_all_at(bytes, at),
+            LogFile::Plain(file) => write_at(file, bytes, at),
             LogFile::Backend(backend) => backend.write(at, bytes),
         }
     }
@@ -313,7 +378,7 @@ impl LogFile {
         }
         let mut first = [0u8; 4];
         match self {
-            LogFile::Plain(file) => file.read_exact_at(&mut first, 0)?,
+            LogFile::Plain(file) => read_at(file, &mut first, 0)?,
             LogFile::Backend(backend) => backend.read(0, &mut first)?,
         }
         let first = u32::from_le_bytes(first);
@@ -376,7 +441,8 @@ impl Log {
             return Ok(Appended::No);
         };
         let need = self.end + record_len(ops);
-        if need > MAX_CAPACITY {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        if need > MAX_CAPACITY || space_is_low(dir) {
             return Ok(Appended::No);
         }
         let record = encode(ops, tag, self.seq);
