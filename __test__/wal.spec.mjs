@@ -1,5 +1,6 @@
 // The write-ahead log of a durable store (`<file>-wal`, FORMAT.md "The write-ahead log"), attacked
-// through the public API with real processes and kill -9: what must hold, and two defects.
+// through the public API with real processes and kill -9: what must hold, and the defects a
+// hostile pass found (each fixed since).
 import test from 'ava'
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
@@ -179,9 +180,9 @@ test('a store opened through a symlink keeps its log beside the real file: kill 
   await store.close()
 })
 
-// ---------------------------------------------------------------- defects
+// ------------------------------------------- defects a hostile pass found (fixed since)
 
-test('defect: a store whose -wal cannot be created (a 255-byte file name) still opens after a kill -9 that followed its first commit', async (t) => {
+test('a store whose -wal cannot be created (a 255-byte file name) still opens after a kill -9 that followed its first commit', async (t) => {
   // NAME_MAX is 255: `<name>-wal` cannot exist. The store works without a log (README: "A store
   // whose -wal cannot be created … works without it"), but the first checkpoint records a log tag
   // before the log is first opened; killed before a second batch retires it, the file names a log
@@ -198,7 +199,7 @@ test('defect: a store whose -wal cannot be created (a 255-byte file name) still 
   await reader.close()
 })
 
-test('defect: a backup put back in place of its store does not take on commits made after the backup (from the -wal left beside it)', async (t) => {
+test('a backup put back in place of its store does not take on commits made after the backup (from the -wal left beside it)', async (t) => {
   // The backup copies the live log tag from kvstore:meta; a clean close retires the tag in the
   // store but leaves the log's records on disk. Restoring the backup over the store file then
   // replays every record of that tag: commits made after the backup come back, deletes included.
@@ -259,18 +260,19 @@ async function updatesOnFullDisk(t, name) {
   return failures
 }
 
-asRoot('defect: on a full disk a durable store keeps making same-size updates, as it does without a log (it is not wedged until space returns)', async (t) => {
+asRoot('on a full disk a durable store keeps making same-size updates, as it does without a log (it is not wedged until space returns)', async (t) => {
   // Control: a store whose -wal cannot be created (a 255-byte name) commits through redb alone;
   // each durable commit reuses the pages the one before it freed, so a full disk takes them all.
   t.deepEqual(await updatesOnFullDisk(t, `${'n'.repeat(250)}.redb`), [], 'without a log every update goes through')
-  // With the log, redb commits without a sync and cannot reuse pages freed since the last
-  // checkpoint: the file must grow, the commit fails with ENOSPC, and from then on every commit
-  // fails (the writer cannot reopen the file) until space returns: here ~55 pass, ~145 fail.
+  // With a log, redb commits without a sync and cannot reuse pages freed since the last
+  // checkpoint: the file would grow, the commit fail with ENOSPC, and every commit after it
+  // (the writer could not reopen the file) until space returned — ~55 passed, ~145 failed.
+  // Under 64 MiB free the log stands aside and batches are durable redb commits.
   const failures = await updatesOnFullDisk(t, 'state.redb')
   t.is(failures.length, 0, `${failures.length} of 200 updates failed, the first: ${failures[0]}`)
 })
 
-test('defect: the log of a store named `events` does not overwrite another store named `events-wal`', async (t) => {
+test('the log of a store named `events` does not overwrite another store named `events-wal`', async (t) => {
   // `<file>-wal` is opened (created if missing, never truncated) and written from offset 0
   // whatever the file already holds: a store whose path is `<file>-wal` is zeroed and overwritten
   // by the first checkpoint of `<file>`, and then refuses to open ("Not a redb database").
