@@ -791,9 +791,17 @@ fn auto_keys_handed_out_before_a_kill_are_not_handed_out_again() {
         }
         wait_for_kill();
     }
+    keys_are_not_handed_out_again(TEST, &options, 30);
+}
+
+/// Runs `test`'s writer child, which prints `key <k>` for each auto key it took, `ack <key>
+/// <value>` for each acknowledged commit and `failed true` for each injected failure, and kills
+/// it; then after a reopen every acknowledged commit is there and the next `taken` auto keys
+/// (as many as the child took) are all new.
+fn keys_are_not_handed_out_again(test: &str, options: &MapOptions, taken: usize) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let child = Crash::start(TEST, "writer", &path);
+    let child = Crash::start(test, "writer", &path);
     let mut handed_out = BTreeSet::new();
     let mut acked = BTreeMap::new();
     loop {
@@ -803,18 +811,19 @@ fn auto_keys_handed_out_before_a_kill_are_not_handed_out_again() {
             "ack" => {
                 acked.insert(words[1].clone(), words[2].clone());
             }
+            "failed" => assert_eq!(words[1], "true", "the injected write failure missed"),
             _ => break,
         }
     }
     child.kill();
-    assert_eq!(handed_out.len(), 30);
+    assert_eq!(handed_out.len(), taken);
 
     let db = Database::open(&path, DatabaseOptions::default()).unwrap();
     let map = db.map_store("m", options.clone()).unwrap();
     for (key, v) in &acked {
         assert_eq!(value(&map, key).as_deref(), Some(v.as_bytes()), "key {key}");
     }
-    for _ in 0..30 {
+    for _ in 0..taken {
         let key = map.next_key_blocking().unwrap();
         assert!(
             !handed_out.contains(&key),
@@ -925,38 +934,7 @@ fn auto_keys_leased_before_a_failed_write_are_not_handed_out_again_after_a_kill(
         say("ack w w");
         wait_for_kill();
     }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s.redb");
-    let child = Crash::start(TEST, "writer", &path);
-    let mut handed_out = BTreeSet::new();
-    let mut acked = BTreeMap::new();
-    loop {
-        let words = child.next();
-        match words[0].as_str() {
-            "key" => assert!(handed_out.insert(words[1].clone()), "{words:?}"),
-            "ack" => {
-                acked.insert(words[1].clone(), words[2].clone());
-            }
-            "failed" => assert_eq!(words[1], "true", "the injected write failure missed"),
-            _ => break,
-        }
-    }
-    child.kill();
-    assert_eq!(handed_out.len(), 12);
-
-    let db = Database::open(&path, DatabaseOptions::default()).unwrap();
-    let map = db.map_store("m", options.clone()).unwrap();
-    for (key, v) in &acked {
-        assert_eq!(value(&map, key).as_deref(), Some(v.as_bytes()), "key {key}");
-    }
-    for _ in 0..12 {
-        let key = map.next_key_blocking().unwrap();
-        assert!(
-            !handed_out.contains(&key),
-            "{key} was handed out before the kill"
-        );
-    }
-    db.close();
+    keys_are_not_handed_out_again(TEST, &options, 12);
 }
 
 /// A backend whose redb file fails per `faults`, and whose log never does.
