@@ -1,6 +1,7 @@
 import test from 'ava'
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
+import { statSync } from 'node:fs'
 import { join } from 'node:path'
 import { createInterface } from 'node:readline'
 import { kv, rng, runAndKill, tempDir } from './helpers.mjs'
@@ -41,6 +42,11 @@ test('kill -9 during concurrent durable commits loses nothing acknowledged', asy
     const previousMax = autoKeys.at(-1) ?? ''
     t.true(roundKeys.every((k) => k > previousMax), `round ${round}: auto keys rise past every earlier key`)
     autoKeys.push(...[...roundKeys].sort())
+
+    // The write-ahead log stays within its 1 MiB; not closed cleanly, the file is refused by a
+    // read-only open, which can neither repair it nor replay the log.
+    t.true(statSync(`${path}-wal`).size <= 1 << 20, `round ${round}: the log stays within 1 MiB`)
+    await t.throwsAsync(kv.MapStore.open(path, { table: 'crash', readOnly: true }), { instanceOf: kv.DatabaseCorruptError, message: /read-write/ })
 
     const started = process.hrtime.bigint()
     const store = await kv.MapStore.open(path, { table: 'crash' })

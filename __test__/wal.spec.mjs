@@ -7,12 +7,11 @@ import { once } from 'node:events'
 import { copyFileSync, existsSync, readFileSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { createInterface } from 'node:readline'
-import { kv, kvstore, put, runAndKill, tempDir, tmpfs } from './helpers.mjs'
+import { kv, kvstore, put, tempDir, tmpfs } from './helpers.mjs'
 
 // Mounting a tmpfs (a real full disk) needs root; CI runs as root.
 const asRoot = process.getuid?.() === 0 ? test : test.skip
 
-const crashWriter = new URL('./fixtures/crash-writer.mjs', import.meta.url).pathname
 const dist = new URL('../dist/index.js', import.meta.url).href
 
 // A child that opens argv[1] with the options in argv[2], commits `k0`…`k<n-1>` (value i, metadata
@@ -61,52 +60,6 @@ function logRecords(bytes) {
 }
 
 // ---------------------------------------------------------------- behaviours that hold
-
-test('kill -9 during concurrent durable commits from async tasks and a worker thread: every acknowledged commit is replayed', async (t) => {
-  const path = join(tempDir(t), 'crash.redb')
-  const created = new Map()
-  const deleted = new Set()
-  const deleting = new Set()
-  const counts = new Map()
-  const autoKeys = []
-  for (let round = 0; round < 6; round++) {
-    const { lines, signal } = await runAndKill(crashWriter, path, round, 150 + 60 * round)
-    t.is(signal, 'SIGKILL')
-    const roundKeys = []
-    for (const line of lines) {
-      if (line.op === 'create') {
-        created.set(line.key, line)
-        roundKeys.push(line.key)
-      } else if (line.op === 'deleting') deleting.add(line.key)
-      else if (line.op === 'delete') {
-        created.delete(line.key)
-        deleting.delete(line.key)
-        deleted.add(line.key)
-      } else counts.set(line.key, Math.max(counts.get(line.key) ?? 0, line.count))
-    }
-    t.true(roundKeys.every((k) => k > (autoKeys.at(-1) ?? '')), `round ${round}: auto keys rise past every earlier one`)
-    autoKeys.push(...[...roundKeys].sort())
-    t.true(statSync(`${path}-wal`).size <= 16 << 20, 'the log stays within 16 MiB')
-
-    // Not closed cleanly: a read-only open cannot replay, and says so.
-    await t.throwsAsync(kv.MapStore.open(path, { table: 'crash', readOnly: true }), { instanceOf: kv.DatabaseCorruptError, message: /read-write/ })
-
-    const store = await kv.MapStore.open(path, { table: 'crash' })
-    for (const [key, { value, metadata }] of created) {
-      const stored = store.getEntry(key)
-      if (stored === undefined && deleting.has(key)) {
-        created.delete(key)
-        deleting.delete(key)
-        deleted.add(key)
-      } else t.deepEqual(stored, { key, value, metadata }, `round ${round}: ${key}`)
-    }
-    for (const key of deleted) t.is(store.getEntry(key), undefined, `round ${round}: ${key} stays deleted`)
-    for (const [key, count] of counts) t.true(store.getEntry(key)?.value.count >= count, `round ${round}: ${key} ≥ ${count}`)
-    await store.close()
-  }
-  t.is(new Set(autoKeys).size, autoKeys.length, 'no auto key was handed out twice')
-  t.true(await kv.Database.checkIntegrity(path))
-})
 
 test('a torn or damaged last record of the -wal is ignored: every earlier acknowledged commit is replayed', async (t) => {
   const dir = tempDir(t)

@@ -8,6 +8,7 @@
 import { execFileSync } from 'node:child_process'
 import { cpus } from 'node:os'
 import { parseArgs } from 'node:util'
+import { measureFloor } from './floor.mjs'
 import { scaleSizes, workloads } from './workloads.mjs'
 
 // --backend etcd: the workloads over etcd clusters, with flags of their own (bench/etcd.mjs).
@@ -73,7 +74,7 @@ for (const workload of chosen.filter((w) => w !== 'scale')) {
 
 const scaleRows = []
 if (chosen.includes('scale')) {
-  for (const size of flags.scale.split(',').map(Number)) {
+  for (const size of flags.scale.split(',').map(Number).filter((size) => size > 0)) {
     for (const store of stores.filter((s) => s === 'kvstore' || s === 'lmdb')) {
       scaleRows.push({ size, store, result: run(store, 'scale', 'none', size) })
     }
@@ -97,6 +98,12 @@ if (rows.length) {
     const cells = stores.map((s) => fmt(median(runs[s].map(rate))))
     lines.push(`| ${workload} | ${mode} | ${cells.join(' | ')} | ${ratio ? ratio.toFixed(2) : '–'} | ${lost.length ? lost.join('/') : ''} | ${cpb ? cpb.toFixed(1) : ''} |`)
   }
+}
+if (modes.includes('durable')) {
+  const { appendMs, overwriteMs } = measureFloor()
+  lines.push(
+    `\nFloor (this disk, median of 200): 4 KB appended + fdatasync ${appendMs.toFixed(2)} ms; 4 KB overwritten in place + fdatasync ${overwriteMs.toFixed(2)} ms (one durable batch through the write-ahead log: ~${(1000 / overwriteMs).toFixed(0)} batches/s at most).`,
+  )
 }
 if (scaleRows.length) {
   lines.push('\n| scale | store | get-random ops/s | scan-all entries/s | peak RSS MB |')
