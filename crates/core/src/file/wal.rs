@@ -211,9 +211,7 @@ fn read_log(location: &Path, backend: Option<&Backend>) -> Result<Vec<u8>> {
     match read {
         Ok(bytes) => Ok(bytes),
         // A log that cannot exist (its name too long) holds nothing.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound || name_too_long(&e) => {
-            Ok(Vec::new())
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound || name_too_long(&e) => Ok(Vec::new()),
         Err(e) => Err(Error::io_at(&log, e)),
     }
 }
