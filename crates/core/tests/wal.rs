@@ -1188,3 +1188,90 @@ fn a_non_durable_commit_before_an_acknowledged_durable_one_survives_a_kill() {
     assert_eq!(acked.len(), 20);
     assert_has(&path, DatabaseOptions::default(), &acked);
 }
+
+// ---- a commit without a sync that finds the disk full ----
+
+/// The redb file's writes fail once with ENOSPC when armed; the log is a plain file.
+#[derive(Debug)]
+struct FullOnce {
+    file: redb::backends::FileBackend,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl redb::StorageBackend for FullOnce {
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.file.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(common::ENOSPC));
+        }
+        self.file.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.file.close()
+    }
+}
+
+/// A logged batch whose redb commit (without a sync) finds the disk full is not refused: the
+/// file is reopened (at its last durable state, where the pages the commits since had taken are
+/// free again), the changes since are written again durably, and the batch is committed as a
+/// checkpoint. Its caller hears success, and everything is there, also after a reopen.
+#[test]
+fn a_commit_that_finds_the_disk_full_is_retried_as_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fault = armed.clone();
+    let backend = kvstore_core::Backend(std::sync::Arc::new(move |at: &Path| {
+        let file = redb::backends::FileBackend::new(common::open_file(at)?)
+            .map_err(std::io::Error::other)?;
+        if at.as_os_str().to_string_lossy().ends_with("-wal") {
+            return Ok(Box::new(file) as Box<dyn redb::StorageBackend>);
+        }
+        Ok(Box::new(FullOnce {
+            file,
+            armed: fault.clone(),
+        }) as Box<dyn redb::StorageBackend>)
+    }));
+    let options = DatabaseOptions {
+        backend: Some(backend),
+        // A small write buffer: redb writes each commit's pages to the file at once.
+        page_cache_bytes: 256 << 10,
+        ..durable_no_timer()
+    };
+    let (db, map) = open_map(&path, options.clone());
+    // The first batch is a checkpoint; these are logged, committed without a sync.
+    for i in 0..5 {
+        put(&map, &format!("k{i}"), &vec![b'k'; 64 << 10]);
+    }
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    put(&map, "full", &vec![b'f'; 64 << 10]);
+    assert!(
+        !armed.load(std::sync::atomic::Ordering::SeqCst),
+        "the injected failure missed"
+    );
+    assert_eq!(value(&map, "full").map(|v| v.len()), Some(64 << 10));
+    put(&map, "after", b"a");
+    db.close();
+
+    let (db, map) = open_map(&path, DatabaseOptions::default());
+    for i in 0..5 {
+        assert_eq!(
+            value(&map, &format!("k{i}")).map(|v| v.len()),
+            Some(64 << 10)
+        );
+    }
+    assert_eq!(value(&map, "full").map(|v| v.len()), Some(64 << 10));
+    assert_eq!(value(&map, "after").as_deref(), Some(&b"a"[..]));
+    db.close();
+}

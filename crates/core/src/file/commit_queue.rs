@@ -613,6 +613,8 @@ impl Writer {
             // again, durably) and commit the batch as a checkpoint.
             checkpoint = true;
             log_tag = tag_for(true);
+            // The old instance goes first: redb opens a file once per process.
+            drop(db);
             committed = self
                 .file
                 .recover()
