@@ -645,6 +645,8 @@ impl Writer {
                 .map(|op| (op.table, op.key, op.value.as_deref().map(Arc::from)))
                 .collect::<Vec<_>>();
             unsynced.record(
+                logged,
+                logged && mode == Mode::Durable,
                 jobs.iter()
                     .flat_map(Job::changes)
                     .map(|(table, key, change)| {
@@ -667,11 +669,13 @@ impl Writer {
     }
 }
 
+/// The disk (or the user's quota on it) is full.
 fn is_no_space(outcome: &Result<()>) -> bool {
+    // ENOSPC, and Linux's EDQUOT.
     matches!(
         outcome,
         Err(Error::Io {
-            errno: Some(28),
+            errno: Some(28 | 122),
             ..
         })
     )

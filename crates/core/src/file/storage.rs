@@ -176,9 +176,6 @@ impl TableState {
 /// it can reopen the file after a failed write (redb refuses all writes after an I/O error).
 pub(crate) struct StoreFile {
     pub(crate) path: String,
-    /// Its writer keeps a write-ahead log (a durable store): what non-durable redb commits
-    /// acknowledged is in the log too.
-    has_log: bool,
     location: PathBuf,
     page_cache_bytes: usize,
     backend: Option<Backend>,
@@ -380,7 +377,6 @@ impl StoreFile {
             page_cache_bytes: options.page_cache_bytes,
             backend: options.backend.clone(),
             read_only: options.read_only,
-            has_log: options.durable && !options.read_only,
             released: AtomicBool::new(false),
             db: RwLock::new(Some(db)),
             tables: Mutex::new(HashMap::new()),
@@ -428,10 +424,7 @@ impl StoreFile {
         let mut unsynced = self.unsynced();
         if !unsynced.is_empty() {
             let writable = db.writable(&self.path)?;
-            let logged = self.has_log;
-            crate::error::guard_damage(&self.path, || {
-                unsynced.rewrite(writable, &self.path, logged)
-            })?;
+            crate::error::guard_damage(&self.path, || unsynced.rewrite(writable, &self.path))?;
             unsynced.clear();
         }
         Ok(Arc::new(db))
@@ -680,7 +673,8 @@ fn check_format(db: &Instance, path: &str) -> Result<()> {
         Some(other) => Err(Error::DatabaseCorrupt {
             path: path.to_string(),
             detail: format!(
-                "kvstore format {other} is not supported (this build reads {FORMAT_VERSION})"
+                "kvstore format {other} is not supported (this build reads {FORMAT_VERSION} and \
+                 {FORMAT_WITH_LOG})"
             ),
         }),
     };

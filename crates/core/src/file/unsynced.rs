@@ -21,6 +21,10 @@ pub(crate) struct UnsyncedChanges {
     tables: HashMap<String, Records>,
     /// Non-durable transactions recorded since the last durable one.
     transactions: u64,
+    /// Every one of them is in the write-ahead log.
+    all_logged: bool,
+    /// The last of them was synced in the log (which syncs every record before it).
+    synced: bool,
 }
 
 impl UnsyncedChanges {
@@ -28,11 +32,16 @@ impl UnsyncedChanges {
         self.transactions == 0
     }
 
-    /// Records one acknowledged non-durable transaction.
+    /// Records one acknowledged non-durable transaction: `logged`, its record is in the
+    /// write-ahead log; `synced`, that record was synced.
     pub fn record<'a>(
         &mut self,
+        logged: bool,
+        synced: bool,
         changes: impl IntoIterator<Item = (&'a str, &'a str, Option<Arc<[u8]>>)>,
     ) {
+        self.all_logged = (self.transactions == 0 || self.all_logged) && logged;
+        self.synced = synced;
         for (table, key, record) in changes {
             let keys = match self.tables.get_mut(table) {
                 Some(keys) => keys,
@@ -49,11 +58,18 @@ impl UnsyncedChanges {
         self.transactions = 0;
     }
 
+    /// Whether the write-ahead log holds every kept change, synced: a crash midway through a
+    /// rewrite then replays the log, which makes each transaction whole again.
+    fn in_synced_log(&self) -> bool {
+        self.transactions > 0 && self.all_logged && self.synced
+    }
+
     /// Writes every kept change again, durably (after a reopen): in one transaction, or, when
-    /// the write-ahead log holds them all (`logged`: a crash midway replays the log), in
-    /// transactions of about [`REWRITE_CHUNK`] bytes, each reusing the pages the one before it
-    /// freed — on a full disk one large transaction would find no room.
-    pub fn rewrite(&self, db: &redb::Database, path: &str, logged: bool) -> Result<()> {
+    /// the log holds them all, synced, in transactions of about [`REWRITE_CHUNK`] bytes, each
+    /// reusing the pages the one before it freed — on a full disk one large transaction would
+    /// find no room. (Split otherwise, a crash midway could leave a group commit half there.)
+    pub fn rewrite(&self, db: &redb::Database, path: &str) -> Result<()> {
+        let logged = self.in_synced_log();
         let err = |e: redb::Error| from_redb(path, e);
         let changes = self
             .tables

@@ -302,6 +302,9 @@ fn read_at(file: &File, out: &mut [u8], at: u64) -> std::io::Result<()> {
 fn write_at(file: &File, mut bytes: &[u8], mut at: u64) -> std::io::Result<()> {
     while !bytes.is_empty() {
         let n = std::os::windows::fs::FileExt::seek_write(file, bytes, at)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
         bytes = &bytes[n..];
         at += n as u64;
     }
@@ -318,6 +321,21 @@ fn read_at(file: &File, mut out: &mut [u8], mut at: u64) -> std::io::Result<()> 
         out = &mut out[n..];
         at += n as u64;
     }
+    Ok(())
+}
+
+/// Makes the directory entry of `path` durable (POSIX: a new file's name survives a power loss
+/// only once its directory is synced). Windows has no such step.
+#[cfg(unix)]
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+#[cfg(not(unix))]
+fn sync_dir(_path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
@@ -526,11 +544,9 @@ impl Log {
                 self.path.display()
             )));
         }
-        if !existed {
-            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir)?.sync_all()?;
-            }
-        }
+        // Whether or not this process created it: an earlier one may have been killed before
+        // its directory was synced.
+        sync_dir(&self.path)?;
         Ok(file)
     }
 
