@@ -2,12 +2,14 @@
 //! them only in the live instance: when a failed write forces the file to be reopened, they would
 //! be gone without a crash. The store writes them again, durably, right after the reopen.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use redb::{Durability, TableDefinition};
+use redb::Durability;
 
 use crate::error::{from_redb, Result};
+use crate::file::wal::{self, Op};
 
 /// Bytes per transaction of a chunked [`UnsyncedChanges::rewrite`].
 const REWRITE_CHUNK: usize = 64 << 10;
@@ -69,45 +71,37 @@ impl UnsyncedChanges {
     /// reusing the pages the one before it freed — on a full disk one large transaction would
     /// find no room. (Split otherwise, a crash midway could leave a group commit half there.)
     pub fn rewrite(&self, db: &redb::Database, path: &str) -> Result<()> {
-        let logged = self.in_synced_log();
-        let err = |e: redb::Error| from_redb(path, e);
-        let changes = self
-            .tables
-            .iter()
-            .flat_map(|(name, keys)| keys.iter().map(move |(key, record)| (name, key, record)));
-        let mut txn: Option<redb::WriteTransaction> = None;
+        let split = self.in_synced_log();
+        let mut chunk = Vec::new();
         let mut bytes = 0usize;
-        for (name, key, record) in changes {
-            let open = match txn.take() {
-                Some(open) => open,
-                None => {
-                    let mut open = db.begin_write().map_err(|e| err(e.into()))?;
-                    open.set_durability(Durability::Immediate)
-                        .map_err(|e| err(e.into()))?;
-                    open
+        for (table, keys) in &self.tables {
+            for (key, record) in keys {
+                bytes += key.len() + record.as_ref().map_or(0, |r| r.len());
+                chunk.push(Op {
+                    table,
+                    key,
+                    value: record.as_deref().map(Cow::Borrowed),
+                });
+                if split && bytes >= REWRITE_CHUNK {
+                    write_durably(db, &chunk, path)?;
+                    chunk.clear();
+                    bytes = 0;
                 }
-            };
-            {
-                let mut table = open
-                    .open_table(TableDefinition::<&str, &[u8]>::new(name))
-                    .map_err(|e| err(e.into()))?;
-                match record {
-                    Some(record) => table.insert(&**key, &**record).map(drop),
-                    None => table.remove(&**key).map(drop),
-                }
-                .map_err(|e| err(e.into()))?;
-            }
-            bytes += key.len() + record.as_ref().map_or(0, |r| r.len());
-            if logged && bytes >= REWRITE_CHUNK {
-                open.commit().map_err(|e| err(e.into()))?;
-                bytes = 0;
-            } else {
-                txn = Some(open);
             }
         }
-        match txn {
-            Some(open) => open.commit().map_err(|e| err(e.into())),
-            None => Ok(()),
+        if chunk.is_empty() {
+            return Ok(());
         }
+        write_durably(db, &chunk, path)
     }
+}
+
+/// `ops` in one durable transaction.
+fn write_durably(db: &redb::Database, ops: &[Op<'_>], path: &str) -> Result<()> {
+    let err = |e: redb::Error| from_redb(path, e);
+    let mut txn = db.begin_write().map_err(|e| err(e.into()))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| err(e.into()))?;
+    wal::apply(&txn, ops, path)?;
+    txn.commit().map_err(|e| err(e.into()))
 }

@@ -483,14 +483,9 @@ impl Log {
             Ok(false) => Ok(Appended::No),
             Err(e) => {
                 // The record may have landed whole (a failed sync can still have written it):
-                // its header is zeroed (best effort), and the log is not live until the next
-                // checkpoint changes the tag.
-                self.tag = None;
-                if let Some(file) = self.file.as_ref() {
-                    if file.write(self.end, &[0u8; HEADER]).is_ok() {
-                        let _ = file.sync();
-                    }
-                }
+                // revoked like one whose redb commit failed.
+                self.pending = Some(self.end);
+                self.revoke();
                 Err(Error::io_at(&self.path, e))
             }
         }
