@@ -1191,37 +1191,6 @@ fn a_non_durable_commit_before_an_acknowledged_durable_one_survives_a_kill() {
 
 // ---- a commit without a sync that finds the disk full ----
 
-/// The redb file's writes fail once with ENOSPC when armed; the log is a plain file.
-#[derive(Debug)]
-struct FullOnce {
-    file: redb::backends::FileBackend,
-    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl redb::StorageBackend for FullOnce {
-    fn len(&self) -> std::io::Result<u64> {
-        self.file.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        self.file.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.file.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.file.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            return Err(std::io::Error::from_raw_os_error(common::ENOSPC));
-        }
-        self.file.write(offset, data)
-    }
-    fn close(&self) -> std::io::Result<()> {
-        self.file.close()
-    }
-}
-
 /// A logged batch whose redb commit (without a sync) finds the disk full is not refused: the
 /// file is reopened (at its last durable state, where the pages the commits since had taken are
 /// free again), the changes since are written again durably, and the batch is committed as a
@@ -1230,17 +1199,18 @@ impl redb::StorageBackend for FullOnce {
 fn a_commit_that_finds_the_disk_full_is_retried_as_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let fault = armed.clone();
+    // The redb file's disk refuses one write when armed; the log is a plain file.
+    let space = std::sync::Arc::new(common::DiskSpace::default());
+    let disk = space.clone();
     let backend = kvstore_core::Backend(std::sync::Arc::new(move |at: &Path| {
         let file = redb::backends::FileBackend::new(common::open_file(at)?)
             .map_err(std::io::Error::other)?;
         if at.as_os_str().to_string_lossy().ends_with("-wal") {
             return Ok(Box::new(file) as Box<dyn redb::StorageBackend>);
         }
-        Ok(Box::new(FullOnce {
+        Ok(Box::new(common::FillingDisk {
             file,
-            armed: fault.clone(),
+            space: disk.clone(),
         }) as Box<dyn redb::StorageBackend>)
     }));
     let options = DatabaseOptions {
@@ -1254,10 +1224,12 @@ fn a_commit_that_finds_the_disk_full_is_retried_as_a_checkpoint() {
     for i in 0..5 {
         put(&map, &format!("k{i}"), &vec![b'k'; 64 << 10]);
     }
-    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    space
+        .full_once
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     put(&map, "full", &vec![b'f'; 64 << 10]);
     assert!(
-        !armed.load(std::sync::atomic::Ordering::SeqCst),
+        !space.full_once.load(std::sync::atomic::Ordering::SeqCst),
         "the injected failure missed"
     );
     assert_eq!(value(&map, "full").map(|v| v.len()), Some(64 << 10));

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,59 +19,6 @@ use kvstore_core::{
 const TEST: &str = "a_group_rewritten_after_a_full_disk_is_whole_or_absent_after_a_kill";
 const GROUP: usize = 10;
 
-/// The redb file: a write fails once with ENOSPC when armed; after `syncs_left` more syncs the
-/// disk is full for good (every write, resize and sync fails).
-#[derive(Debug)]
-struct FillingDisk {
-    file: redb::backends::FileBackend,
-    full_once: Arc<AtomicBool>,
-    syncs_left: Arc<AtomicUsize>,
-    full: Arc<AtomicBool>,
-}
-
-fn no_space() -> std::io::Error {
-    std::io::Error::from_raw_os_error(common::ENOSPC)
-}
-
-impl redb::StorageBackend for FillingDisk {
-    fn len(&self) -> std::io::Result<u64> {
-        self.file.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        self.file.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        if self.full.load(Ordering::SeqCst) {
-            return Err(no_space());
-        }
-        self.file.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        if self.full.load(Ordering::SeqCst) {
-            return Err(no_space());
-        }
-        self.file.sync_data()?;
-        let left = self.syncs_left.load(Ordering::SeqCst);
-        if left != usize::MAX {
-            if left <= 1 {
-                self.full.store(true, Ordering::SeqCst);
-            }
-            self.syncs_left
-                .store(left.saturating_sub(1), Ordering::SeqCst);
-        }
-        Ok(())
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        if self.full.load(Ordering::SeqCst) || self.full_once.swap(false, Ordering::SeqCst) {
-            return Err(no_space());
-        }
-        self.file.write(offset, data)
-    }
-    fn close(&self) -> std::io::Result<()> {
-        self.file.close()
-    }
-}
-
 fn record(value: &[u8]) -> Change {
     Change::Put(Arc::from(envelope::encode(&[], value)))
 }
@@ -80,10 +27,8 @@ fn record(value: &[u8]) -> Change {
 /// GROUP entries acknowledged, then a commit that finds the disk full, retried after a reopen
 /// that rewrites the group; the disk fills for good after `syncs` syncs; then a crash.
 fn child(path: &Path, syncs: usize) {
-    let full_once = Arc::new(AtomicBool::new(false));
-    let syncs_left = Arc::new(AtomicUsize::new(usize::MAX));
-    let full = Arc::new(AtomicBool::new(false));
-    let (once, left, filled) = (full_once.clone(), syncs_left.clone(), full.clone());
+    let space = Arc::new(common::DiskSpace::default());
+    let disk = space.clone();
     let backend = kvstore_core::Backend(Arc::new(move |at: &Path| {
         if at.as_os_str().to_string_lossy().ends_with("-wal") {
             // The log cannot be created (as for a name too long).
@@ -91,11 +36,9 @@ fn child(path: &Path, syncs: usize) {
         }
         let file = redb::backends::FileBackend::new(common::open_file(at)?)
             .map_err(std::io::Error::other)?;
-        Ok(Box::new(FillingDisk {
+        Ok(Box::new(common::FillingDisk {
             file,
-            full_once: once.clone(),
-            syncs_left: left.clone(),
-            full: filled.clone(),
+            space: disk.clone(),
         }) as Box<dyn redb::StorageBackend>)
     }));
     let options = DatabaseOptions {
@@ -129,8 +72,8 @@ fn child(path: &Path, syncs: usize) {
     relaxed
         .commit_guards(items, CommitOptions::default())
         .unwrap();
-    syncs_left.store(syncs, Ordering::SeqCst);
-    full_once.store(true, Ordering::SeqCst);
+    space.syncs_left.store(syncs, Ordering::SeqCst);
+    space.full_once.store(true, Ordering::SeqCst);
     let mut next = map.lock("next", LockMode::Any, None).unwrap();
     let _ = relaxed.commit_guards(
         vec![(&mut next, record(&vec![b'n'; 300 << 10]))],

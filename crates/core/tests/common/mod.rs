@@ -5,7 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use kvstore_core::{envelope, Backend, Database, DatabaseOptions, LockMode, MapOptions, MapStore};
@@ -146,6 +146,79 @@ impl StorageBackend for Faulty {
     }
     // The file lock too, so these tests see what a second open of a held file does.
     forward_file_lock!(file);
+}
+
+/// The space left on a [`FillingDisk`]: one write fails with ENOSPC when `full_once` is armed;
+/// after `syncs_left` more syncs (`usize::MAX`: never) the disk is full for good (every write,
+/// resize and sync fails).
+#[derive(Debug)]
+pub struct DiskSpace {
+    pub full_once: AtomicBool,
+    pub syncs_left: AtomicUsize,
+    pub full: AtomicBool,
+}
+
+impl Default for DiskSpace {
+    fn default() -> Self {
+        DiskSpace {
+            full_once: AtomicBool::new(false),
+            syncs_left: AtomicUsize::new(usize::MAX),
+            full: AtomicBool::new(false),
+        }
+    }
+}
+
+fn no_space() -> std::io::Error {
+    std::io::Error::from_raw_os_error(ENOSPC)
+}
+
+/// The real file on a disk that fills up as its [`DiskSpace`] says.
+#[derive(Debug)]
+pub struct FillingDisk {
+    pub file: FileBackend,
+    pub space: Arc<DiskSpace>,
+}
+
+impl StorageBackend for FillingDisk {
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.file.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        if self.space.full.load(Ordering::SeqCst) {
+            return Err(no_space());
+        }
+        self.file.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        if self.space.full.load(Ordering::SeqCst) {
+            return Err(no_space());
+        }
+        self.file.sync_data()?;
+        let left = self.space.syncs_left.load(Ordering::SeqCst);
+        if left != usize::MAX {
+            if left <= 1 {
+                self.space.full.store(true, Ordering::SeqCst);
+            }
+            self.space
+                .syncs_left
+                .store(left.saturating_sub(1), Ordering::SeqCst);
+        }
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if self.space.full.load(Ordering::SeqCst)
+            || self.space.full_once.swap(false, Ordering::SeqCst)
+        {
+            return Err(no_space());
+        }
+        self.file.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.file.close()
+    }
 }
 
 /// Opens (creating) the file a test backend stores into.
