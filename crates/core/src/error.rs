@@ -225,7 +225,22 @@ fn from_file_io(path: &str, io: std::io::Error) -> Error {
     }
 }
 
+thread_local! {
+    /// redb refused I/O on this thread because an earlier one failed (see [`take_previous_io`]).
+    static PREVIOUS_IO: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether redb refused I/O on this thread since the last call because an earlier read or
+/// write failed — possibly another thread's read that has not told the writer yet. The writer
+/// asks after a failed commit: such a commit wrote nothing, and goes through after a reopen.
+pub(crate) fn take_previous_io() -> bool {
+    PREVIOUS_IO.with(|seen| seen.replace(false))
+}
+
 pub(crate) fn from_redb(path: &str, err: redb::Error) -> Error {
+    if matches!(err, redb::Error::PreviousIo) {
+        PREVIOUS_IO.with(|seen| seen.set(true));
+    }
     match err {
         redb::Error::Io(io) => from_file_io(path, io),
         redb::Error::Corrupted(detail) => Error::DatabaseCorrupt {

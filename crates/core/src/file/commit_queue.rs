@@ -605,12 +605,17 @@ impl Writer {
             _ => None,
         };
         let mut log_tag = tag_for(checkpoint);
+        crate::error::take_previous_io();
         let mut committed = commit(db.writable(path), &ops, checkpoint, log_tag, path);
-        if !checkpoint && self.log.is_some() && is_no_space(&committed) {
-            // A commit without a sync cannot reuse the pages freed since the last checkpoint, so
-            // a full disk refuses it where a durable commit would go through: reopen the file
-            // (at its last durable state, those pages free again; the changes since are written
-            // again, durably) and commit the batch as a checkpoint.
+        // Two failures a reopen cures, after which the batch is committed as a checkpoint:
+        // - A commit without a sync cannot reuse the pages freed since the last checkpoint, so
+        //   a full disk refuses it where a durable commit would go through: reopened at its last
+        //   durable state, those pages are free again (the changes since are written again).
+        // - redb refused the commit, having written nothing, because a read of another thread
+        //   failed a moment ago (redb then refuses all I/O until the file is reopened) and that
+        //   reader has not yet told the writer (`mark_read_failed`).
+        let no_space = !checkpoint && self.log.is_some() && is_no_space(&committed);
+        if no_space || (committed.is_err() && crate::error::take_previous_io()) {
             checkpoint = true;
             log_tag = tag_for(true);
             // The old instance goes first: redb opens a file once per process.

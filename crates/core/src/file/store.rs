@@ -1017,6 +1017,7 @@ impl Drop for EntryGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::file::storage::Backend;
 
     /// Parks the writer in a barrier (holding the writer state) until the returned sender sends.
     fn park_writer(map: &MapStore) -> mpsc::Sender<()> {
@@ -1111,6 +1112,94 @@ mod tests {
         assert_ne!(settled_on, me, "written by the writer thread");
         assert_eq!(map.stats().unwrap().locks_held, 0);
         assert_eq!(map.count(&RangeOptions::default()).unwrap(), 2);
+    }
+
+    /// A plain file whose next read fails with EIO once `fail_next_read` is set.
+    #[derive(Debug)]
+    struct FailingRead {
+        file: redb::backends::FileBackend,
+        fail_next_read: Arc<AtomicBool>,
+    }
+
+    impl redb::StorageBackend for FailingRead {
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            if self.fail_next_read.swap(false, Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(5));
+            }
+            self.file.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.file.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.file.write(offset, data)
+        }
+    }
+
+    /// A read of another thread fails, and redb refuses all I/O from then on, but the reader
+    /// has not yet told the writer (it marks the failure only once redb has returned): a commit
+    /// reaching the writer in that moment was failed with "an earlier write to the file failed"
+    /// (issue 14.12's recovery test, now and then under load). The writer reopens the file and
+    /// commits it.
+    #[test]
+    fn a_commit_right_after_another_threads_failed_read_goes_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        {
+            let db = Database::open(&path, DatabaseOptions::default()).unwrap();
+            let map = db.map_store("m", MapOptions::default()).unwrap();
+            for i in 0..2_000 {
+                let guard = map.lock(&format!("k{i:04}"), LockMode::New, None).unwrap();
+                guard.commit(envelope::encode(&[], &[7u8; 100])).unwrap();
+            }
+            db.try_close().unwrap();
+        }
+        let fail_next_read = Arc::new(AtomicBool::new(false));
+        let armed = fail_next_read.clone();
+        let options = DatabaseOptions {
+            // No page of the file in redb's cache: the read below goes to the backend.
+            page_cache_bytes: 0,
+            backend: Some(Backend(Arc::new(move |location: &Path| {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(location)?;
+                Ok(Box::new(FailingRead {
+                    file: redb::backends::FileBackend::new(file)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?,
+                    fail_next_read: armed.clone(),
+                }) as Box<dyn redb::StorageBackend>)
+            }))),
+            ..Default::default()
+        };
+        let db = Database::open(&path, options).unwrap();
+        let map = db.map_store("m", MapOptions::default()).unwrap();
+        // Locked first: taking the lock reads the file, which would see the failure itself.
+        let guard = map.lock("after", LockMode::New, None).unwrap();
+        // The reader's failed read, straight on the instance: nothing marks the failure.
+        fail_next_read.store(true, Ordering::SeqCst);
+        let instance = map.shared().file.db().unwrap();
+        let failed = (|| -> std::result::Result<(), redb::Error> {
+            let txn = instance.begin_read()?;
+            let table = txn.open_table(redb::TableDefinition::<&str, &[u8]>::new(
+                &map.table.redb_name,
+            ))?;
+            table.get("k1999")?;
+            Ok(())
+        })();
+        assert!(failed.is_err(), "the read failed: {failed:?}");
+        drop(instance);
+        guard
+            .commit(envelope::encode(&[], b"v"))
+            .expect("committed after a reopen");
+        assert_eq!(map.get_record("after").unwrap().unwrap().value, b"v");
+        assert_eq!(map.get_record("k1999").unwrap().unwrap().value, [7u8; 100]);
     }
 
     #[test]
