@@ -139,6 +139,7 @@ export interface NativeLocked {
 export interface NativeMapOptions {
   codec: string
   cacheCapacity?: number
+  cacheBytes?: number
   keyWidth?: number
   keyBase?: number
   bandwidth?: number
@@ -174,6 +175,7 @@ export interface NativeStats {
   cacheHits: number
   cacheMisses: number
   cacheEntries: number
+  cacheBytes: number
   locksHeld: number
   locksWaiting: number
   commits: number

@@ -166,6 +166,7 @@ pub struct NativeTableInfo {
 pub struct NativeMapOptions {
     pub codec: String,
     pub cache_capacity: Option<f64>,
+    pub cache_bytes: Option<f64>,
     pub key_width: Option<u32>,
     pub key_base: Option<u32>,
     pub bandwidth: Option<f64>,
@@ -235,6 +236,9 @@ impl NativeDatabase {
                     cache_capacity: options
                         .cache_capacity
                         .map_or(defaults.cache_capacity, |c| c as usize),
+                    cache_bytes: options
+                        .cache_bytes
+                        .map_or(defaults.cache_bytes, |b| b as usize),
                     keys,
                     bandwidth: options.bandwidth.map_or(defaults.bandwidth, |b| b as u64),
                 },
@@ -512,6 +516,7 @@ pub struct NativeStats {
     pub cache_hits: f64,
     pub cache_misses: f64,
     pub cache_entries: f64,
+    pub cache_bytes: f64,
     pub locks_held: f64,
     pub locks_waiting: f64,
     pub commits: f64,
@@ -835,6 +840,7 @@ impl NativeMapStore {
             cache_hits: s.cache_hits as f64,
             cache_misses: s.cache_misses as f64,
             cache_entries: s.cache_entries as f64,
+            cache_bytes: s.cache_bytes as f64,
             locks_held: s.locks_held as f64,
             locks_waiting: s.locks_waiting as f64,
             commits: s.commits as f64,

@@ -37,7 +37,7 @@ export interface StoredEntry<T> {
 }
 
 /**
- * entries, fileBytes, cacheHits/cacheMisses/cacheEntries, locksHeld/locksWaiting, and commits
+ * entries, fileBytes, cacheHits/cacheMisses/cacheEntries/cacheBytes, locksHeld/locksWaiting, and commits
  * with the write transactions (fsyncs when durable) that carried them: batches, failedBatches,
  * largestBatch; unsyncedBatches: non-durable transactions not yet synced (what a crash would lose).
  */

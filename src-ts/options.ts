@@ -75,7 +75,12 @@ export interface KeyOptions {
 export interface MapStoreOptions<T> {
   /** Default codecs.msgpack. Its name is recorded with the table. */
   codec?: Codec<T>
-  /** Entries held by the core's cache (default 10 000; 0 disables). */
+  /**
+   * The core's cache of committed records, in bytes: keys, records and ~128 bytes per entry
+   * (default 32 MiB; 0 disables). A record over an eighth of it is not cached.
+   */
+  cacheBytes?: number
+  /** The most entries the core's cache holds, within `cacheBytes` (default: no cap; 0 disables). */
   cacheCapacity?: number
   keys?: KeyOptions
   lockTimeoutMs?: number
@@ -197,7 +202,7 @@ export function checkTableName(name: unknown): string {
   return name
 }
 
-export function checkMapOptions<T>(options: MapStoreOptions<T>): { cacheCapacity?: number; keyWidth?: number; keyBase?: number; bandwidth?: number } {
+export function checkMapOptions<T>(options: MapStoreOptions<T>): { cacheCapacity?: number; cacheBytes?: number; keyWidth?: number; keyBase?: number; bandwidth?: number } {
   checkObject('options', options)
   checkObject('keys', options.keys)
   checkTimeout('lockTimeoutMs', options.lockTimeoutMs)
@@ -208,6 +213,7 @@ export function checkMapOptions<T>(options: MapStoreOptions<T>): { cacheCapacity
   if (keys.base !== undefined && keys.base !== 10 && keys.base !== 36) invalid('keys.base', keys.base, '10 or 36')
   return {
     cacheCapacity: integer('cacheCapacity', options.cacheCapacity, 0),
+    cacheBytes: integer('cacheBytes', options.cacheBytes, 0),
     keyWidth: integer('keys.width', keys.width, 1, 64),
     keyBase: keys.base,
     bandwidth: integer('keys.bandwidth', keys.bandwidth, 1),

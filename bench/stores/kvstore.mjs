@@ -4,8 +4,9 @@ import { MapStore } from '../../dist/index.js'
 
 export const name = 'kvstore'
 
-export async function open(dir, { durable, cacheCapacity = 10_000 }) {
-  const store = await MapStore.open(join(dir, 'bench.redb'), { table: 'jobs', durability: durable ? 'immediate' : 'none', cacheCapacity })
+export async function open(dir, { durable }) {
+  // The default cache: a budget of 32 MiB (about 100 000 of these records).
+  const store = await MapStore.open(join(dir, 'bench.redb'), { table: 'jobs', durability: durable ? 'immediate' : 'none' })
   return {
     async create(key, value) {
       const { commit } = await store.createAndLockEntry(key, { value })

@@ -4,6 +4,9 @@
 //!
 //! It also keeps one read snapshot `S` for misses, valid for the generation it was opened in:
 //! opening a read transaction per lookup costs more than the lookup.
+//!
+//! Its size is a budget in bytes (keys, records and a fixed cost per entry), with an optional
+//! cap on entries: a count alone would let a few thousand large records take gigabytes.
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
@@ -13,8 +16,20 @@ use lru::LruCache;
 /// Committed record bytes; `None` caches "no such entry".
 pub type Cached = Option<Arc<[u8]>>;
 
+/// What an entry is counted at besides its key and record bytes: the LRU node, the hash slot
+/// and the two allocations' headers (measured: ~110 bytes on x86-64).
+pub const ENTRY_OVERHEAD: usize = 128;
+
+/// The bytes an entry is counted at against the budget.
+fn cost(key: &str, value: &Cached) -> usize {
+    ENTRY_OVERHEAD + key.len() + value.as_ref().map_or(0, |v| v.len())
+}
+
 struct CacheState<S> {
     entries: Option<LruCache<Box<str>, Cached>>,
+    /// What the entries are counted at (see [`cost`]), at most `budget`.
+    bytes: usize,
+    budget: usize,
     generation: u64,
     snapshot: Option<(u64, S)>,
     hits: u64,
@@ -40,13 +55,54 @@ pub struct CacheCounts {
     pub hits: u64,
     pub misses: u64,
     pub entries: u64,
+    /// What the entries are counted at against the budget.
+    pub bytes: u64,
+}
+
+impl<S> CacheState<S> {
+    /// Caches `value` for `key`, least recently used entries out first while over budget. A
+    /// record larger than an eighth of the budget is not kept (it would push out many others),
+    /// and neither is an older value of its key.
+    fn put(&mut self, key: &str, value: Cached) {
+        let Some(entries) = self.entries.as_mut() else {
+            return;
+        };
+        if let Some(old) = entries.pop(key) {
+            self.bytes -= cost(key, &old);
+        }
+        let added = cost(key, &value);
+        if added > self.budget / 8 {
+            return;
+        }
+        // The cap on entries may push one out.
+        if let Some((out_key, out_value)) = entries.push(key.into(), value) {
+            self.bytes -= cost(&out_key, &out_value);
+        }
+        self.bytes += added;
+        while self.bytes > self.budget {
+            match entries.pop_lru() {
+                Some((out_key, out_value)) => self.bytes -= cost(&out_key, &out_value),
+                None => break,
+            }
+        }
+    }
 }
 
 impl<S: Clone> EntryCache<S> {
-    pub fn new(capacity: usize) -> Self {
+    /// A cache of at most `budget` bytes (see [`cost`]) and `capacity` entries; either 0
+    /// disables it.
+    pub fn new(capacity: usize, budget: usize) -> Self {
+        let entries = match NonZeroUsize::new(capacity) {
+            _ if budget == 0 => None,
+            Some(cap) if capacity != usize::MAX => Some(LruCache::new(cap)),
+            Some(_) => Some(LruCache::unbounded()),
+            None => None,
+        };
         EntryCache {
             state: Mutex::new(CacheState {
-                entries: NonZeroUsize::new(capacity).map(LruCache::new),
+                entries,
+                bytes: 0,
+                budget,
                 generation: 0,
                 snapshot: None,
                 hits: 0,
@@ -88,9 +144,7 @@ impl<S: Clone> EntryCache<S> {
         if state.generation != generation {
             return;
         }
-        if let Some(entries) = state.entries.as_mut() {
-            entries.put(key.into(), value);
-        }
+        state.put(key, value);
     }
 
     /// Keeps a snapshot opened after `generation` was read, unless a commit came since.
@@ -110,6 +164,7 @@ impl<S: Clone> EntryCache<S> {
         if let Some(entries) = state.entries.as_mut() {
             entries.clear();
         }
+        state.bytes = 0;
         drop(state);
         drop(stale);
     }
@@ -138,10 +193,8 @@ impl<S: Clone> EntryCache<S> {
         let mut state = self.state();
         state.generation += 1;
         let stale = state.snapshot.take();
-        if let Some(entries) = state.entries.as_mut() {
-            for (key, value) in changes {
-                entries.put(key.into(), value);
-            }
+        for (key, value) in changes {
+            state.put(key, value);
         }
         drop(state);
         drop(stale);
@@ -153,6 +206,7 @@ impl<S: Clone> EntryCache<S> {
             hits: state.hits,
             misses: state.misses,
             entries: state.entries.as_ref().map_or(0, |e| e.len() as u64),
+            bytes: state.bytes as u64,
         }
     }
 }
@@ -167,7 +221,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_is_offered_only_in_its_generation() {
-        let cache: EntryCache<&str> = EntryCache::new(0);
+        let cache: EntryCache<&str> = EntryCache::new(0, 0);
         let Lookup::Miss {
             generation,
             snapshot: None,
@@ -197,7 +251,7 @@ mod tests {
 
     #[test]
     fn is_bounded_and_evicts_least_recently_used() {
-        let cache: EntryCache = EntryCache::new(2);
+        let cache: EntryCache = EntryCache::new(2, 1 << 20);
         cache.apply([("a", bytes("1")), ("b", bytes("2"))]);
         assert!(matches!(cache.lookup("a"), Lookup::Hit(_)));
         cache.apply([("c", bytes("3"))]);
@@ -210,7 +264,7 @@ mod tests {
 
     #[test]
     fn a_fill_that_raced_a_commit_is_dropped() {
-        let cache: EntryCache = EntryCache::new(10);
+        let cache: EntryCache = EntryCache::new(10, 1 << 20);
         let Lookup::Miss { generation, .. } = cache.lookup("k") else {
             panic!("empty cache hit")
         };
@@ -224,9 +278,79 @@ mod tests {
 
     #[test]
     fn capacity_zero_disables() {
-        let cache: EntryCache = EntryCache::new(0);
-        cache.apply([("k", bytes("v"))]);
+        for (capacity, budget) in [(0, 1 << 20), (10, 0)] {
+            let cache: EntryCache = EntryCache::new(capacity, budget);
+            cache.apply([("k", bytes("v"))]);
+            assert!(matches!(cache.lookup("k"), Lookup::Miss { .. }));
+            assert_eq!(cache.counts().entries, 0);
+        }
+    }
+
+    fn record(len: usize) -> Cached {
+        Some(Arc::from(vec![7u8; len]))
+    }
+
+    #[test]
+    fn holds_records_within_its_budget_in_bytes_least_recently_used_out_first() {
+        // Room for ten entries of 1000-byte records under one-letter keys, and 10 bytes more.
+        let one = cost("a", &record(1000));
+        let cache: EntryCache = EntryCache::new(usize::MAX, 10 * one + 10);
+        for key in ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"] {
+            cache.apply([(key, record(1000))]);
+        }
+        assert_eq!(cache.counts().entries, 10);
+        assert_eq!(cache.counts().bytes as usize, 10 * one);
+        assert!(
+            matches!(cache.lookup("a"), Lookup::Hit(_)),
+            "a is now the most recent"
+        );
+        cache.apply([("k", record(1000))]);
+        assert_eq!(cache.counts().entries, 10);
+        assert!(
+            matches!(cache.lookup("b"), Lookup::Miss { .. }),
+            "b went first"
+        );
+        assert!(matches!(cache.lookup("a"), Lookup::Hit(_)));
+        // A larger record pushes out as many as it takes: c and d.
+        let large = record(1400 - ENTRY_OVERHEAD - 1);
+        assert_eq!(cost("l", &large), 1400);
+        cache.apply([("l", large)]);
+        assert_eq!(cache.counts().entries, 9);
+        assert_eq!(cache.counts().bytes as usize, 8 * one + 1400);
+        assert!(matches!(cache.lookup("c"), Lookup::Miss { .. }));
+        assert!(matches!(cache.lookup("d"), Lookup::Miss { .. }));
+        assert!(matches!(cache.lookup("e"), Lookup::Hit(_)));
+        // A record replaced by a smaller one is counted at its new size.
+        cache.apply([("l", record(1))]);
+        assert_eq!(cache.counts().entries, 9);
+        assert_eq!(
+            cache.counts().bytes as usize,
+            8 * one + cost("l", &record(1))
+        );
+    }
+
+    #[test]
+    fn a_record_too_large_to_keep_also_drops_the_older_value_of_its_key() {
+        let cache: EntryCache = EntryCache::new(usize::MAX, 8 * 1024);
+        cache.apply([("k", record(10)), ("other", record(10))]);
+        cache.apply([("k", record(2 * 1024))]);
+        // Not kept (over an eighth of the budget), and the old value is gone: no stale hit.
         assert!(matches!(cache.lookup("k"), Lookup::Miss { .. }));
-        assert_eq!(cache.counts().entries, 0);
+        assert!(matches!(cache.lookup("other"), Lookup::Hit(_)));
+        assert_eq!(cache.counts().entries, 1);
+        assert_eq!(cache.counts().bytes as usize, cost("other", &record(10)));
+        let Lookup::Miss { generation, .. } = cache.lookup("k") else {
+            panic!("not kept")
+        };
+        cache.fill("k", generation, record(4 * 1024));
+        assert!(matches!(cache.lookup("k"), Lookup::Miss { .. }));
+    }
+
+    #[test]
+    fn the_cap_on_entries_still_applies_under_the_budget() {
+        let cache: EntryCache = EntryCache::new(2, 1 << 20);
+        cache.apply([("a", record(1)), ("b", record(1)), ("c", record(1))]);
+        assert_eq!(cache.counts().entries, 2);
+        assert_eq!(cache.counts().bytes as usize, 2 * cost("a", &record(1)));
     }
 }

@@ -39,6 +39,7 @@ pub use keys::{validate_key, KeyFormat, MAX_KEY_BYTES};
 pub use locks::{Acquire, Grant, GrantCallback, LockCounts, LockToken, OwnerId};
 pub use map::{
     Change, CommitCallback, CommitOptions, LockMode, LockedEntry, MapOptions, MapStats, NextKey,
+    DEFAULT_CACHE_BYTES,
 };
 pub use range::{EntryRange, RangeOptions, RawEntry};
 pub use store::{Backup, CommitItem, Database, EntryGuard, MapStore, PreparedCommit};

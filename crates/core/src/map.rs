@@ -7,12 +7,18 @@ use crate::error::Result;
 use crate::keys::KeyFormat;
 use crate::locks::LockToken;
 
+/// The entry cache's default budget: 32 MiB, some 100 000 records of 150 bytes.
+pub const DEFAULT_CACHE_BYTES: usize = 32 << 20;
+
 /// Options of one named map; the first opener of the table in a process decides the cache size.
 #[derive(Debug, Clone)]
 pub struct MapOptions {
     /// The codec's name, recorded in the file; a different name on a later open is refused.
     pub codec: String,
+    /// The most entries the cache holds (`usize::MAX`: no cap but the budget; 0 disables it).
     pub cache_capacity: usize,
+    /// The cache's budget in bytes (keys, records and a fixed cost per entry; 0 disables it).
+    pub cache_bytes: usize,
     pub keys: KeyFormat,
     /// Auto-key numbers leased from the file per write.
     pub bandwidth: u64,
@@ -22,7 +28,8 @@ impl Default for MapOptions {
     fn default() -> Self {
         MapOptions {
             codec: "raw".into(),
-            cache_capacity: 10_000,
+            cache_capacity: usize::MAX,
+            cache_bytes: DEFAULT_CACHE_BYTES,
             keys: KeyFormat::default(),
             bandwidth: 1000,
         }
@@ -63,6 +70,8 @@ pub struct MapStats {
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub cache_entries: u64,
+    /// What the cached entries are counted at against the cache's budget in bytes.
+    pub cache_bytes: u64,
     pub locks_held: u64,
     pub locks_waiting: u64,
     pub commits: u64,

@@ -610,7 +610,7 @@ impl StoreFile {
             codec: options.codec.clone(),
             key_format: Mutex::new(key_format),
             locks: LockTable::new(),
-            cache: EntryCache::new(options.cache_capacity),
+            cache: EntryCache::new(options.cache_capacity, options.cache_bytes),
             sequence: Mutex::new(KeySequence::new(leased_until, options.bandwidth)),
         });
         tables.insert(name.to_string(), table.clone());

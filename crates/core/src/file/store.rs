@@ -794,6 +794,7 @@ impl MapStore {
             cache_hits: cache.hits,
             cache_misses: cache.misses,
             cache_entries: cache.entries,
+            cache_bytes: cache.bytes,
             locks_held: locks.held,
             locks_waiting: locks.waiting,
             commits: commits.commits.load(Ordering::Relaxed),
