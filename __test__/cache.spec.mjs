@@ -37,7 +37,7 @@ test('the default budget holds tens of thousands of small records; cacheCapacity
   const records = Array.from({ length: 30_000 }, (_, i) => ({ id: i, state: 'RUNNING', path: `/data/p${i % 100}/file-${i}` }))
   await Promise.all(records.map((value, i) => put(store, `job-${i}`, value)))
   t.is(store.stats().cacheEntries, 30_000)
-  t.true(store.stats().cacheBytes <= 32 * 2 ** 20)
+  t.true(store.stats().cacheBytes <= 8 * 2 ** 20)
 
   const capped = await tempStore(t, { cacheCapacity: 100 })
   await Promise.all(records.slice(0, 1000).map((value, i) => put(capped, `job-${i}`, value)))

@@ -5,7 +5,7 @@ import { MapStore } from '../../dist/index.js'
 export const name = 'kvstore'
 
 export async function open(dir, { durable }) {
-  // The default cache: a budget of 32 MiB (about 100 000 of these records).
+  // The default cache: a budget of 8 MiB (about 30 000 of these records).
   const store = await MapStore.open(join(dir, 'bench.redb'), { table: 'jobs', durability: durable ? 'immediate' : 'none' })
   return {
     async create(key, value) {

@@ -7,8 +7,8 @@ use crate::error::Result;
 use crate::keys::KeyFormat;
 use crate::locks::LockToken;
 
-/// The entry cache's default budget: 32 MiB, some 100 000 records of 150 bytes.
-pub const DEFAULT_CACHE_BYTES: usize = 32 << 20;
+/// The entry cache's default budget: 8 MiB, some 30 000 records of 150 bytes.
+pub const DEFAULT_CACHE_BYTES: usize = 8 << 20;
 
 /// Options of one named map; the first opener of the table in a process decides the cache size.
 #[derive(Debug, Clone)]
