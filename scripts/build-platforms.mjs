@@ -8,8 +8,8 @@ import { join } from 'node:path'
 import { spawn } from 'node:child_process'
 import { parseArgs } from 'node:util'
 import {
-  CARGO_ZIGBUILD_VERSION, PLATFORMS, ZIG_VERSION, addonName, byPlatform, crossDir, haveZig, packagedAddon, root, run,
-  toolsDir, tryCapture, zigEnv, zigTarget,
+  CARGO_ZIGBUILD_VERSION, PLATFORMS, ZIG_VERSION, addonName, byPlatform, crossDir, ensureZig, packagedAddon, root, run,
+  tryCapture, zigEnv, zigTarget,
 } from './platforms.mjs'
 
 const { values, positionals } = parseArgs({ allowPositionals: true, options: { jobs: { type: 'string', default: '2' } } })
@@ -20,11 +20,7 @@ function ensureToolchain(platforms) {
   const installed = tryCapture('rustup', ['target', 'list', '--installed'])?.split('\n') ?? []
   const missing = platforms.map((p) => p.triple).filter((t) => !installed.includes(t))
   if (missing.length) run('rustup', ['target', 'add', ...missing])
-  if (!haveZig()) {
-    const python = tryCapture('python3', ['--version']) ? 'python3' : 'python'
-    run(python, ['-m', 'pip', 'install', '--disable-pip-version-check', '--upgrade', '--target', join(toolsDir, `ziglang-${ZIG_VERSION}`), `ziglang==${ZIG_VERSION}`])
-    if (!haveZig()) throw new Error(`zig ${ZIG_VERSION} did not install into ${toolsDir}`)
-  }
+  ensureZig()
   const zigbuild = tryCapture('cargo-zigbuild', ['--version'])?.trim()
   if (zigbuild !== `cargo-zigbuild ${CARGO_ZIGBUILD_VERSION}`) {
     run('cargo', ['install', 'cargo-zigbuild', '--version', CARGO_ZIGBUILD_VERSION, '--locked', '--force'])

@@ -2,7 +2,7 @@
 // table read by build-platforms.mjs, test-platforms.mjs and the CI workflow's build step (which
 // runs build-platforms.mjs), so the versions and the glibc floor are written down once.
 import { execFileSync } from 'node:child_process'
-import { existsSync } from 'node:fs'
+import { existsSync, readFileSync } from 'node:fs'
 import { homedir } from 'node:os'
 import { join } from 'node:path'
 
@@ -78,3 +78,11 @@ export const tryCapture = (cmd, args, opts = {}) => {
 // PATH with the pinned zig first (napi build -x and cargo-zigbuild look for `zig` on PATH).
 export const zigEnv = (p) => ({ ...process.env, PATH: `${zigDir}:${process.env.PATH}`, ...(p?.macos ? { MACOSX_DEPLOYMENT_TARGET: p.macos } : {}) })
 export const haveZig = () => existsSync(join(zigDir, 'zig')) && tryCapture(join(zigDir, 'zig'), ['version'])?.trim() === ZIG_VERSION
+export function ensureZig() {
+  if (haveZig()) return
+  const python = tryCapture('python3', ['--version']) ? 'python3' : 'python'
+  run(python, ['-m', 'pip', 'install', '--disable-pip-version-check', '--upgrade', '--target', join(toolsDir, `ziglang-${ZIG_VERSION}`), `ziglang==${ZIG_VERSION}`])
+  if (!haveZig()) throw new Error(`zig ${ZIG_VERSION} did not install into ${toolsDir}`)
+}
+// Every symbol musl's libc.so exports, from the stub zig links musl targets against.
+export const muslSymbols = () => new Set([...readFileSync(join(zigDir, 'lib', 'libc', 'musl', 'libc.S'), 'utf8').matchAll(/^\.type (\S+), %(function|object);$/gm)].map((m) => m[1]))

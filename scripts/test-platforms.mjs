@@ -14,8 +14,8 @@ import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, write
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import {
-  ARM64_NODE_VERSION, GLIBC_FLOOR, PLATFORMS, addonName, capture, packagedAddon, platformOfTriple, root, run, toolsDir,
-  tryCapture,
+  ARM64_NODE_VERSION, GLIBC_FLOOR, PLATFORMS, addonName, capture, ensureZig, muslSymbols, packagedAddon, platformOfTriple, root,
+  run, toolsDir, tryCapture,
 } from './platforms.mjs'
 
 const summary = []
@@ -56,7 +56,16 @@ function checkElf(p, file) {
     if (!needed.some((lib) => /^libc\.so/.test(lib))) throw new Error(`${p.platform}: no dynamic libc (musl linked in statically?)`)
     libc = 'dynamic musl libc, no glibc symbols'
   }
-  return `${machine}; NEEDED ${needed.join(' ')}; ${libc}; no interpreter`
+  // Every undefined symbol must be Node's (N-API, libuv), libgcc_s's (unwinding), or the libc's:
+  // a versioned glibc symbol, or one musl exports. A shared object links with undefined symbols
+  // left over, so the linker does not catch one that this libc lacks; dlopen would.
+  const undefinedSyms = capture('readelf', ['--dyn-syms', '-W', file]).split('\n').map((line) => line.trim().split(/\s+/))
+    .filter((f) => f[6] === 'UND' && f[7] && f[4] !== 'WEAK').map((f) => f[7].replace(/\s*\(\d+\)$/, ''))
+  const fromNode = (sym) => /^(napi_|node_api_|uv_|_Unwind_)/.test(sym)
+  const musl = p.libc === 'musl' ? muslSymbols() : null
+  const unresolved = undefinedSyms.filter((sym) => !fromNode(sym.replace(/@.*/, '')) && (musl ? !musl.has(sym) : !/@GLIBC_/.test(sym)))
+  if (unresolved.length) throw new Error(`${p.platform}: undefined symbols neither ${p.libc} nor Node provides: ${unresolved.join(' ')}`)
+  return `${machine}; NEEDED ${needed.join(' ')}; ${libc}; ${undefinedSyms.length} undefined symbols, all from ${p.libc} or Node; no interpreter`
 }
 
 // Mach-O (binutils' readelf cannot read it): the load commands of a 64-bit little-endian dylib.
@@ -83,6 +92,7 @@ function checkMachO(p, file) {
   return `Mach-O ${p.platform.split('-')[1]} dylib; loads ${libs.join(' ')}; minimum macOS ${version} <= ${p.macos}`
 }
 
+ensureZig() // its musl stub lists what musl exports
 for (const p of PLATFORMS) {
   const file = packagedAddon(p)
   const outcome = p.macos ? checkMachO(p, file) : checkElf(p, file)
