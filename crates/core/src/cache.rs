@@ -1,6 +1,7 @@
 //! The entry cache: committed record bytes by key, least recently used out first. Only the
-//! writer changes it after a commit, and a reader may fill it only if no commit happened since
-//! the reader's snapshot began (the generation check), so it never holds stale data.
+//! writer changes it after a commit, and a reader may fill it only if no commit began since
+//! the reader's lookup (the generation check) and none is in flight, so it never holds stale
+//! data.
 //!
 //! It also keeps one read snapshot `S` for misses, valid for the generation it was opened in:
 //! opening a read transaction per lookup costs more than the lookup.
@@ -8,7 +9,6 @@
 //! Its size is a budget in bytes (keys, records and a fixed cost per entry), with an optional
 //! cap on entries: a count alone would let a few thousand large records take gigabytes.
 
-use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
@@ -30,6 +30,13 @@ struct CacheState<S> {
     /// What the entries are counted at (see [`cost`]), at most `budget`.
     bytes: usize,
     budget: usize,
+    /// The most entries (`usize::MAX`: no cap but the budget).
+    capacity: usize,
+    /// A transaction is being committed: its changes may already be visible to new read
+    /// snapshots while older snapshots still show the values before. Readers neither fill the
+    /// cache nor keep a snapshot until the writer has applied the batch (see
+    /// [`EntryCache::begin_commit`]).
+    committing: bool,
     generation: u64,
     snapshot: Option<(u64, S)>,
     hits: u64,
@@ -74,12 +81,9 @@ impl<S> CacheState<S> {
         if added > self.budget / 8 {
             return;
         }
-        // The cap on entries may push one out.
-        if let Some((out_key, out_value)) = entries.push(key.into(), value) {
-            self.bytes -= cost(&out_key, &out_value);
-        }
+        entries.push(key.into(), value);
         self.bytes += added;
-        while self.bytes > self.budget {
+        while self.bytes > self.budget || entries.len() > self.capacity {
             match entries.pop_lru() {
                 Some((out_key, out_value)) => self.bytes -= cost(&out_key, &out_value),
                 None => break,
@@ -92,17 +96,16 @@ impl<S: Clone> EntryCache<S> {
     /// A cache of at most `budget` bytes (see [`cost`]) and `capacity` entries; either 0
     /// disables it.
     pub fn new(capacity: usize, budget: usize) -> Self {
-        let entries = match NonZeroUsize::new(capacity) {
-            _ if budget == 0 => None,
-            Some(cap) if capacity != usize::MAX => Some(LruCache::new(cap)),
-            Some(_) => Some(LruCache::unbounded()),
-            None => None,
-        };
+        // Unbounded, the cap enforced in `put`: a bounded LruCache reserves its capacity up
+        // front (a cap of 10^9 asked for terabytes and aborted the process).
+        let entries = (capacity > 0 && budget > 0).then(LruCache::unbounded);
         EntryCache {
             state: Mutex::new(CacheState {
                 entries,
                 bytes: 0,
                 budget,
+                capacity,
+                committing: false,
                 generation: 0,
                 snapshot: None,
                 hits: 0,
@@ -141,7 +144,7 @@ impl<S: Clone> EntryCache<S> {
     /// Fills in what a reader found, unless a commit happened since `generation`.
     pub fn fill(&self, key: &str, generation: u64, value: Cached) {
         let mut state = self.state();
-        if state.generation != generation {
+        if state.generation != generation || state.committing {
             return;
         }
         state.put(key, value);
@@ -150,7 +153,7 @@ impl<S: Clone> EntryCache<S> {
     /// Keeps a snapshot opened after `generation` was read, unless a commit came since.
     pub fn keep_snapshot(&self, generation: u64, snapshot: S) {
         let mut state = self.state();
-        if state.generation == generation {
+        if state.generation == generation && !state.committing {
             state.snapshot = Some((generation, snapshot));
         }
     }
@@ -169,19 +172,46 @@ impl<S: Clone> EntryCache<S> {
         drop(stale);
     }
 
-    /// Lets go of the kept snapshot. The writer does this after every transaction, whatever
-    /// tables it wrote: a live read transaction stops redb from reusing the pages freed since,
-    /// so a snapshot kept by a rarely written table would grow the file without bound.
-    pub fn forget_snapshot(&self) {
-        let stale = self.state().snapshot.take();
-        drop(stale);
-    }
-
     /// Lets go of the kept snapshot and refuses any snapshot opened before now (compaction and
     /// close need every read transaction gone, including one a reader is about to keep).
     pub fn refuse_snapshots(&self) {
         let mut state = self.state();
         state.generation += 1;
+        let stale = state.snapshot.take();
+        drop(state);
+        drop(stale);
+    }
+
+    /// A transaction is about to be committed. From the moment its changes become visible
+    /// until [`EntryCache::end_commit`], two read snapshots of one generation could disagree
+    /// (one opened before, one after): a reader that kept or cached the older one would hand a
+    /// value older than one already read (issue 11's review: "saw 24454 then 24453"). So the
+    /// generation moves on now and again at the end, and meanwhile nothing is filled or kept.
+    /// The writer also [`EntryCache::forget`]s each key the transaction writes.
+    pub fn begin_commit(&self) {
+        let mut state = self.state();
+        state.generation += 1;
+        state.committing = true;
+        let stale = state.snapshot.take();
+        drop(state);
+        drop(stale);
+    }
+
+    /// Drops `key`'s cached value, as a transaction writing it begins: from the moment the
+    /// commit is visible until the writer applies it, a reader that missed would read the new
+    /// value from the file, and one that hit the old one afterwards would go back in time.
+    pub fn forget(&self, key: &str) {
+        let mut state = self.state();
+        if let Some(old) = state.entries.as_mut().and_then(|e| e.pop(key)) {
+            state.bytes -= cost(key, &old);
+        }
+    }
+
+    /// The transaction begun with [`EntryCache::begin_commit`] is committed or failed.
+    pub fn end_commit(&self) {
+        let mut state = self.state();
+        state.generation += 1;
+        state.committing = false;
         let stale = state.snapshot.take();
         drop(state);
         drop(stale);
@@ -344,6 +374,76 @@ mod tests {
         };
         cache.fill("k", generation, record(4 * 1024));
         assert!(matches!(cache.lookup("k"), Lookup::Miss { .. }));
+    }
+
+    #[test]
+    fn a_commit_in_flight_refuses_fills_and_kept_snapshots_from_before_and_during_it() {
+        let cache: EntryCache<&str> = EntryCache::new(usize::MAX, 1 << 20);
+        let Lookup::Miss {
+            generation: before, ..
+        } = cache.lookup("k")
+        else {
+            panic!("empty cache hit")
+        };
+        cache.begin_commit();
+        // A reader that looked before the commit began, and one that looks during it.
+        cache.fill("k", before, bytes("old"));
+        cache.keep_snapshot(before, "old snapshot");
+        let Lookup::Miss {
+            generation: during,
+            snapshot: None,
+        } = cache.lookup("k")
+        else {
+            panic!("nothing kept")
+        };
+        cache.fill("k", during, bytes("either"));
+        cache.keep_snapshot(during, "either snapshot");
+        assert!(matches!(
+            cache.lookup("k"),
+            Lookup::Miss { snapshot: None, .. }
+        ));
+        cache.end_commit();
+        cache.fill("k", during, bytes("either"));
+        assert!(matches!(
+            cache.lookup("k"),
+            Lookup::Miss { snapshot: None, .. }
+        ));
+        // After the commit, readers fill and keep again.
+        let Lookup::Miss {
+            generation: after, ..
+        } = cache.lookup("k")
+        else {
+            panic!("not filled")
+        };
+        cache.keep_snapshot(after, "new snapshot");
+        cache.fill("k", after, bytes("new"));
+        assert!(matches!(cache.lookup("k"), Lookup::Hit(Some(_))));
+    }
+
+    #[test]
+    fn the_keys_a_commit_writes_leave_the_cache_as_it_begins() {
+        let cache: EntryCache = EntryCache::new(usize::MAX, 1 << 20);
+        cache.apply([("k", bytes("old")), ("other", bytes("o"))]);
+        cache.begin_commit();
+        cache.forget("k");
+        // Between the commit becoming visible and the writer applying it, a reader that read
+        // the new value from the file must not then hit the old one here.
+        assert!(matches!(cache.lookup("k"), Lookup::Miss { .. }));
+        assert!(matches!(cache.lookup("other"), Lookup::Hit(_)));
+        assert_eq!(cache.counts().bytes as usize, cost("other", &bytes("o")));
+        cache.end_commit();
+        cache.apply([("k", bytes("new"))]);
+        match cache.lookup("k") {
+            Lookup::Hit(Some(v)) => assert_eq!(&*v, b"new"),
+            _ => panic!("the applied value"),
+        }
+    }
+
+    #[test]
+    fn a_huge_cap_on_entries_allocates_nothing_up_front() {
+        let cache: EntryCache = EntryCache::new(1 << 40, 1 << 20);
+        cache.apply([("a", record(1))]);
+        assert_eq!(cache.counts().entries, 1);
     }
 
     #[test]

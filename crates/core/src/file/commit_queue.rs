@@ -606,6 +606,12 @@ impl Writer {
         };
         let mut log_tag = tag_for(checkpoint);
         crate::error::take_previous_io();
+        // Until the outcome is known, readers neither cache what they read nor keep snapshots,
+        // and the keys written leave the cache (see `EntryCache::begin_commit`).
+        self.file.begin_commit();
+        for (table, key, _) in jobs.iter().flat_map(Job::changes) {
+            table.cache.forget(key);
+        }
         let mut committed = commit(db.writable(path), &ops, checkpoint, log_tag, path);
         // Two failures a reopen cures, after which the batch is committed as a checkpoint:
         // - A commit without a sync cannot reuse the pages freed since the last checkpoint, so
@@ -626,6 +632,7 @@ impl Writer {
                 .and_then(|()| self.file.db())
                 .and_then(|db| commit(db.writable(path), &ops, true, log_tag, path));
         }
+        self.file.end_commit();
         if let Some(log) = self.log.as_mut() {
             match (&committed, log_tag) {
                 (Err(_), _) => log.revoke(),
@@ -634,9 +641,6 @@ impl Writer {
             }
         }
         committed?;
-        // No read snapshot may outlive a transaction: it would keep redb from reusing the
-        // pages freed from now on (see the cache).
-        self.file.forget_snapshots();
         let mut unsynced = self.file.unsynced();
         if checkpoint {
             unsynced.clear();

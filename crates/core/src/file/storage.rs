@@ -485,11 +485,21 @@ impl StoreFile {
         self.read_failed.swap(false, Ordering::SeqCst)
     }
 
-    /// Drops every table's kept read snapshot (after each transaction; see the cache).
-    pub(crate) fn forget_snapshots(&self) {
+    /// A write transaction is about to commit: see [`EntryCache::begin_commit`].
+    pub(crate) fn begin_commit(&self) {
         let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         for table in tables.values() {
-            table.cache.forget_snapshot();
+            table.cache.begin_commit();
+        }
+    }
+
+    /// The transaction begun with [`StoreFile::begin_commit`] committed or failed. No read
+    /// snapshot kept from before outlives it: it would keep redb from reusing the pages freed
+    /// from now on (see the cache).
+    pub(crate) fn end_commit(&self) {
+        let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        for table in tables.values() {
+            table.cache.end_commit();
         }
     }
 
