@@ -51,3 +51,13 @@ test('the default budget holds tens of thousands of small records; cacheCapacity
     t.is(uncached.stats().cacheBytes, 0, JSON.stringify(off))
   }
 })
+
+test('a huge cacheCapacity reserves nothing up front', async (t) => {
+  // lru's bounded cache reserved its capacity at open: 1e9 asked for terabytes and aborted.
+  for (const cacheCapacity of [1e9, 2 ** 53 - 1]) {
+    const store = await tempStore(t, { cacheCapacity })
+    await put(store, 'k', 1)
+    t.is(store.getEntry('k').value, 1)
+    t.is(store.stats().cacheEntries, 1)
+  }
+})
