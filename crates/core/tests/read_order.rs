@@ -7,10 +7,17 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use kvstore_core::{envelope, Database, DatabaseOptions, LockMode, MapOptions};
+use kvstore_core::{
+    envelope, Change, CommitCallback, CommitOptions, Database, DatabaseOptions, LockMode,
+    MapOptions, MapStore,
+};
 
 const WRITERS: usize = 4;
 const COMMITS: u64 = 15_000;
+
+fn read_version(map: &MapStore, key: &str) -> Option<u64> {
+    map.get(key).unwrap().map(|record| version(&record))
+}
 
 fn version(record: &[u8]) -> u64 {
     let value = envelope::decode(record).unwrap().value;
@@ -86,4 +93,56 @@ fn versions_read_never_go_backwards_while_small_and_uncached_records_alternate()
         let record = map.get(&format!("k{w}")).unwrap().unwrap();
         assert_eq!(version(&record), COMMITS);
     }
+}
+
+/// Two commits of one key in one transaction (`update_only` keeps the lock, so its holder may
+/// queue a second commit before the first settles). The cache took the batch job by job, so
+/// between them it held the first value while the file held the second: a read in between
+/// went from 2 back to 1.
+#[test]
+fn a_key_written_twice_in_one_transaction_is_read_at_its_last_value_from_the_first_callback() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::open(dir.path().join("twice.redb"), DatabaseOptions::default()).unwrap();
+    let map = db.map_store("m", MapOptions::default()).unwrap();
+    let record = |v: u64| envelope::encode(&[], &v.to_le_bytes());
+    map.lock("k", LockMode::Any, None)
+        .unwrap()
+        .commit(record(0))
+        .unwrap();
+    assert_eq!(read_version(&map, "k"), Some(0));
+    let other = map.lock("other", LockMode::Any, None).unwrap();
+    let held = map.lock("k", LockMode::Any, None).unwrap();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let reading = |label: &'static str| -> CommitCallback {
+        let (map, seen_tx) = (map.clone(), seen_tx.clone());
+        Box::new(move |outcome| {
+            outcome.unwrap();
+            seen_tx.send((label, read_version(&map, "k"))).unwrap();
+        })
+    };
+    let keep = CommitOptions {
+        update_only: true,
+        ..Default::default()
+    };
+    let put = |v: u64| Change::Put(Arc::from(record(v)));
+    let commits = vec![
+        map.prepare_commit("other", other.token(), put(7), keep, reading("other"))
+            .unwrap(),
+        map.prepare_commit("k", held.token(), put(1), keep, reading("k = 1"))
+            .unwrap(),
+        map.prepare_commit("k", held.token(), put(2), keep, reading("k = 2"))
+            .unwrap(),
+    ];
+    // One transaction, whether this thread writes it or the writer does.
+    db.write_now(commits);
+    let seen: Vec<_> = (0..3).map(|_| seen_rx.recv().unwrap()).collect();
+    for (label, v) in &seen {
+        assert_eq!(
+            *v,
+            Some(2),
+            "read of k in the callback of {label}: {seen:?}"
+        );
+    }
+    assert_eq!(read_version(&map, "k"), Some(2));
+    drop((other, held));
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use redb::{Durability, TableHandle};
 
+use crate::cache::Cached;
 use crate::error::{from_redb, Error, Result};
 use crate::file::storage::{
     StoreFile, TableState, FORMAT_KEY, FORMAT_VERSION, FORMAT_WITH_LOG, META_TABLE,
@@ -531,6 +532,7 @@ impl Writer {
                     .fetch_max(commits, Ordering::Relaxed);
                 let (barriers, jobs): (Vec<Job>, Vec<Job>) =
                     jobs.into_iter().partition(|j| matches!(j, Job::Barrier(_)));
+                apply_to_caches(&jobs);
                 // Watchers hear the batch before any of its callers: a watch begun after a
                 // commit resolved never reports it.
                 publish(&self.watchers, &jobs);
@@ -606,12 +608,10 @@ impl Writer {
         };
         let mut log_tag = tag_for(checkpoint);
         crate::error::take_previous_io();
-        // Until the outcome is known, readers neither cache what they read nor keep snapshots,
-        // and the keys written leave the cache (see `EntryCache::begin_commit`).
-        self.file.begin_commit();
-        for (table, key, _) in jobs.iter().flat_map(Job::changes) {
-            table.cache.forget(key);
-        }
+        // Until the outcome is known, readers of the tables written neither cache what they
+        // read nor keep snapshots, and the keys written leave the cache (see
+        // `EntryCache::begin_commit`). Ended however this ends, a panic included.
+        let committing = Committing::begin(&self.file, jobs);
         let mut committed = commit(db.writable(path), &ops, checkpoint, log_tag, path);
         // Two failures a reopen cures, after which the batch is committed as a checkpoint:
         // - A commit without a sync cannot reuse the pages freed since the last checkpoint, so
@@ -632,7 +632,7 @@ impl Writer {
                 .and_then(|()| self.file.db())
                 .and_then(|db| commit(db.writable(path), &ops, true, log_tag, path));
         }
-        self.file.end_commit();
+        drop(committing);
         if let Some(log) = self.log.as_mut() {
             match (&committed, log_tag) {
                 (Err(_), _) => log.revoke(),
@@ -675,6 +675,31 @@ impl Writer {
             checkpoint,
             durable: checkpoint || (logged && mode == Mode::Durable),
         })
+    }
+}
+
+/// A transaction in flight for the caches (see [`EntryCache::begin_commit`]): begun on every
+/// table the batch writes, with its keys forgotten; ended on every table of the file when
+/// dropped, so no read snapshot kept from before outlives it.
+struct Committing<'a>(&'a StoreFile);
+
+impl<'a> Committing<'a> {
+    fn begin(file: &'a StoreFile, jobs: &[Job]) -> Self {
+        let mut begun: Vec<&Arc<TableState>> = Vec::new();
+        for (table, key, _) in jobs.iter().flat_map(Job::changes) {
+            if !begun.iter().any(|t| Arc::ptr_eq(t, table)) {
+                table.cache.begin_commit();
+                begun.push(table);
+            }
+            table.cache.forget(key);
+        }
+        Committing(file)
+    }
+}
+
+impl Drop for Committing<'_> {
+    fn drop(&mut self) {
+        self.0.end_commit();
     }
 }
 
@@ -768,20 +793,13 @@ fn push_job(jobs: &mut Vec<Job>, job: Job) {
 }
 
 /// Hands a written batch (one transaction) to the file's watchers as one run, in commit order;
-/// nothing but one atomic load when nobody watches. The cache gets the batch first, so a watcher
-/// that reads an entry it heard of reads at least that (settling applies it again, harmlessly).
+/// nothing but one atomic load when nobody watches. The cache has the batch already (see
+/// [`apply_to_caches`]), so a watcher that reads an entry it heard of reads at least that.
 fn publish(watchers: &WatchHub, jobs: &[Job]) {
     if !watchers.is_watched() {
         return;
     }
     let changes: Vec<_> = jobs.iter().flat_map(Job::changes).collect();
-    for (table, key, change) in &changes {
-        let record = match change {
-            Change::Put(record) => Some(record.clone()),
-            Change::Delete => None,
-        };
-        table.cache.apply([(*key, record)]);
-    }
     watchers.publish(
         0,
         changes.iter().map(|(table, key, change)| {
@@ -794,15 +812,31 @@ fn publish(watchers: &WatchHub, jobs: &[Job]) {
     );
 }
 
-/// After a durable write: cache, then locks, then the caller.
+/// A written batch into each table's cache, once per table in commit order, so a key written
+/// twice in the batch (two `update_only` commits) goes straight to its last value: applied job
+/// by job, a reader could read the last value from the file, then hit the first.
+fn apply_to_caches(jobs: &[Job]) {
+    let mut by_table: Vec<(&Arc<TableState>, Vec<(&str, Cached)>)> = Vec::new();
+    for (table, key, change) in jobs.iter().flat_map(Job::changes) {
+        let record = match change {
+            Change::Put(record) => Some(record.clone()),
+            Change::Delete => None,
+        };
+        match by_table.iter_mut().find(|(t, _)| Arc::ptr_eq(t, table)) {
+            Some((_, changes)) => changes.push((key, record)),
+            None => by_table.push((table, vec![(key, record)])),
+        }
+    }
+    for (table, changes) in by_table {
+        table.cache.apply(changes);
+    }
+}
+
+/// After a durable write (the cache has it already): locks, then the caller.
 fn settle_success(job: Job) -> Option<Job> {
     match job {
         Job::Commit(c) => {
-            let (cached, after_delete) = match &c.change {
-                Change::Put(record) => (Some(record.clone()), false),
-                Change::Delete => (None, true),
-            };
-            c.table.cache.apply([(&*c.key, cached)]);
+            let after_delete = matches!(c.change, Change::Delete);
             if c.release {
                 // The token was checked at submit and only the writer or the holder releases.
                 let _ = c.table.locks.release(&c.key, c.token, after_delete);
@@ -811,15 +845,8 @@ fn settle_success(job: Job) -> Option<Job> {
             None
         }
         Job::Group(g) => {
-            // Every entry's new record first, then every lock: a waiter granted one key of the
-            // group sees the others' new records too.
-            for part in &g.parts {
-                let cached = match &part.change {
-                    Change::Put(record) => Some(record.clone()),
-                    Change::Delete => None,
-                };
-                part.table.cache.apply([(&*part.key, cached)]);
-            }
+            // Every entry's new record is in the cache before any lock goes: a waiter granted
+            // one key of the group sees the others' new records too.
             if g.release {
                 for part in &g.parts {
                     let after_delete = matches!(part.change, Change::Delete);

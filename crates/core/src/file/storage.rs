@@ -485,17 +485,9 @@ impl StoreFile {
         self.read_failed.swap(false, Ordering::SeqCst)
     }
 
-    /// A write transaction is about to commit: see [`EntryCache::begin_commit`].
-    pub(crate) fn begin_commit(&self) {
-        let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
-        for table in tables.values() {
-            table.cache.begin_commit();
-        }
-    }
-
-    /// The transaction begun with [`StoreFile::begin_commit`] committed or failed. No read
-    /// snapshot kept from before outlives it: it would keep redb from reusing the pages freed
-    /// from now on (see the cache).
+    /// A write transaction committed or failed (see [`EntryCache::begin_commit`]): every
+    /// table's cache learns so. No read snapshot kept from before outlives it: it would keep
+    /// redb from reusing the pages freed from now on (see the cache).
     pub(crate) fn end_commit(&self) {
         let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         for table in tables.values() {
