@@ -816,7 +816,9 @@ fn publish(watchers: &WatchHub, jobs: &[Job]) {
 /// twice in the batch (two `update_only` commits) goes straight to its last value: applied job
 /// by job, a reader could read the last value from the file, then hit the first.
 fn apply_to_caches(jobs: &[Job]) {
-    let mut by_table: Vec<(&Arc<TableState>, Vec<(&str, Cached)>)> = Vec::new();
+    /// One table's changes of the batch, in commit order.
+    type TableChanges<'a> = (&'a Arc<TableState>, Vec<(&'a str, Cached)>);
+    let mut by_table: Vec<TableChanges> = Vec::new();
     for (table, key, change) in jobs.iter().flat_map(Job::changes) {
         let record = match change {
             Change::Put(record) => Some(record.clone()),
