@@ -71,13 +71,11 @@ impl<S> CacheState<S> {
     /// record larger than an eighth of the budget is not kept (it would push out many others),
     /// and neither is an older value of its key.
     fn put(&mut self, key: &str, value: Cached) {
+        self.remove(key);
+        let added = cost(key, &value);
         let Some(entries) = self.entries.as_mut() else {
             return;
         };
-        if let Some(old) = entries.pop(key) {
-            self.bytes -= cost(key, &old);
-        }
-        let added = cost(key, &value);
         if added > self.budget / 8 {
             return;
         }
@@ -88,6 +86,13 @@ impl<S> CacheState<S> {
                 Some((out_key, out_value)) => self.bytes -= cost(&out_key, &out_value),
                 None => break,
             }
+        }
+    }
+
+    /// Drops `key`'s cached value, if any.
+    fn remove(&mut self, key: &str) {
+        if let Some(old) = self.entries.as_mut().and_then(|e| e.pop(key)) {
+            self.bytes -= cost(key, &old);
         }
     }
 }
@@ -161,23 +166,28 @@ impl<S: Clone> EntryCache<S> {
     /// Forgets every entry: after a failed write whose outcome is unknown (a failed fsync may
     /// still have landed), only the file can say what is committed.
     pub fn clear(&self) {
-        let mut state = self.state();
-        state.generation += 1;
-        let stale = state.snapshot.take();
-        if let Some(entries) = state.entries.as_mut() {
-            entries.clear();
-        }
-        state.bytes = 0;
-        drop(state);
-        drop(stale);
+        self.next_generation(|state| {
+            if let Some(entries) = state.entries.as_mut() {
+                entries.clear();
+            }
+            state.bytes = 0;
+        });
     }
 
     /// Lets go of the kept snapshot and refuses any snapshot opened before now (compaction and
     /// close need every read transaction gone, including one a reader is about to keep).
     pub fn refuse_snapshots(&self) {
+        self.next_generation(|_| {});
+    }
+
+    /// Moves to the next generation (no fill or snapshot of an earlier one is taken from then
+    /// on), lets go of the kept snapshot and makes `change`, all under the lock. The snapshot is
+    /// dropped after the lock is let go, so ending its read transaction holds up no reader.
+    fn next_generation(&self, change: impl FnOnce(&mut CacheState<S>)) {
         let mut state = self.state();
         state.generation += 1;
         let stale = state.snapshot.take();
+        change(&mut state);
         drop(state);
         drop(stale);
     }
@@ -189,45 +199,29 @@ impl<S: Clone> EntryCache<S> {
     /// generation moves on now and again at the end, and meanwhile nothing is filled or kept.
     /// The writer also [`EntryCache::forget`]s each key the transaction writes.
     pub fn begin_commit(&self) {
-        let mut state = self.state();
-        state.generation += 1;
-        state.committing = true;
-        let stale = state.snapshot.take();
-        drop(state);
-        drop(stale);
+        self.next_generation(|state| state.committing = true);
     }
 
     /// Drops `key`'s cached value, as a transaction writing it begins: from the moment the
     /// commit is visible until the writer applies it, a reader that missed would read the new
     /// value from the file, and one that hit the old one afterwards would go back in time.
     pub fn forget(&self, key: &str) {
-        let mut state = self.state();
-        if let Some(old) = state.entries.as_mut().and_then(|e| e.pop(key)) {
-            state.bytes -= cost(key, &old);
-        }
+        self.state().remove(key);
     }
 
     /// The transaction begun with [`EntryCache::begin_commit`] is committed or failed.
     pub fn end_commit(&self) {
-        let mut state = self.state();
-        state.generation += 1;
-        state.committing = false;
-        let stale = state.snapshot.take();
-        drop(state);
-        drop(stale);
+        self.next_generation(|state| state.committing = false);
     }
 
     /// Applies one committed batch. Called by the writer after the transaction is durable and
     /// before any lock of the batch is released.
     pub fn apply<'a>(&self, changes: impl IntoIterator<Item = (&'a str, Cached)>) {
-        let mut state = self.state();
-        state.generation += 1;
-        let stale = state.snapshot.take();
-        for (key, value) in changes {
-            state.put(key, value);
-        }
-        drop(state);
-        drop(stale);
+        self.next_generation(|state| {
+            for (key, value) in changes {
+                state.put(key, value);
+            }
+        });
     }
 
     pub fn counts(&self) -> CacheCounts {
