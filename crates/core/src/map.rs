@@ -101,6 +101,16 @@ pub enum Change {
     Delete,
 }
 
+impl Change {
+    /// The record written, or `None` for a delete.
+    pub fn record(&self) -> Option<Arc<[u8]>> {
+        match self {
+            Change::Put(record) => Some(record.clone()),
+            Change::Delete => None,
+        }
+    }
+}
+
 /// Outcome of `next_key` when no number was at hand.
 pub enum NextKey {
     Ready(String),

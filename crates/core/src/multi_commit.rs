@@ -213,10 +213,7 @@ mod cluster {
                     "the lock on '{key}' is not held (committed or released): nothing was written"
                 )));
             };
-            written.push(match &change {
-                Change::Put(record) => Some(record.clone()),
-                Change::Delete => None,
-            });
+            written.push(change.record());
             parts.push((MapStore(Storage::Cluster(map.clone())), key, token, change));
             guards.push(inner);
         }

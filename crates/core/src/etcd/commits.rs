@@ -432,10 +432,7 @@ async fn write_batch(core: &Arc<Core>, stats: &CommitStats, batch: Vec<ClusterCo
         .filter(|(_, ok)| **ok)
         .flat_map(|(c, _)| c.writes.iter())
         .map(|w| {
-            let value = match &w.change {
-                Change::Put(record) => Some(record.clone()),
-                Change::Delete => None,
-            };
+            let value = w.change.record();
             (w.table.name.as_str(), w.key.as_str(), value)
         })
         .collect();

@@ -857,10 +857,7 @@ impl ClusterGuard {
     fn write(&mut self, change: Change, options: CommitOptions) -> Result<()> {
         refuse_on_runtime("commit")?;
         let (tx, rx) = mpsc::channel();
-        let written = match &change {
-            Change::Put(record) => Some(record.clone()),
-            Change::Delete => None,
-        };
+        let written = change.record();
         let outcome = self
             .map
             .commit(

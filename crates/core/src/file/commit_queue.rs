@@ -658,16 +658,7 @@ impl Writer {
                 logged && mode == Mode::Durable,
                 jobs.iter()
                     .flat_map(Job::changes)
-                    .map(|(table, key, change)| {
-                        (
-                            table.redb_name.as_str(),
-                            key,
-                            match change {
-                                Change::Put(record) => Some(record.clone()),
-                                Change::Delete => None,
-                            },
-                        )
-                    })
+                    .map(|(table, key, change)| (table.redb_name.as_str(), key, change.record()))
                     .chain(leases),
             );
         }
@@ -820,10 +811,7 @@ fn apply_to_caches(jobs: &[Job]) {
     type TableChanges<'a> = (&'a Arc<TableState>, Vec<(&'a str, Cached)>);
     let mut by_table: Vec<TableChanges> = Vec::new();
     for (table, key, change) in jobs.iter().flat_map(Job::changes) {
-        let record = match change {
-            Change::Put(record) => Some(record.clone()),
-            Change::Delete => None,
-        };
+        let record = change.record();
         match by_table.iter_mut().find(|(t, _)| Arc::ptr_eq(t, table)) {
             Some((_, changes)) => changes.push((key, record)),
             None => by_table.push((table, vec![(key, record)])),

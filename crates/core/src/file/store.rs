@@ -316,13 +316,8 @@ impl Database {
                 guard.key
             )));
         }
-        let written: Vec<Option<Arc<[u8]>>> = items
-            .iter()
-            .map(|(_, change)| match change {
-                Change::Put(record) => Some(record.clone()),
-                Change::Delete => None,
-            })
-            .collect();
+        let written: Vec<Option<Arc<[u8]>>> =
+            items.iter().map(|(_, change)| change.record()).collect();
         let (tx, rx) = mpsc::channel();
         let (guards, parts): (Vec<&mut EntryGuard>, Vec<_>) = items
             .into_iter()
@@ -937,10 +932,7 @@ impl EntryGuard {
     fn write(&mut self, change: Change, options: CommitOptions) -> Result<()> {
         refuse_on_writer(&self.store.shared().queue, "commit")?;
         let (tx, rx) = mpsc::channel();
-        let written = match &change {
-            Change::Put(record) => Some(record.clone()),
-            Change::Delete => None,
-        };
+        let written = change.record();
         // This thread waits for the outcome anyway: it writes the batch itself when the
         // writer is idle.
         let outcome = self
